@@ -1,0 +1,423 @@
+"""HTTP/1.1 message framing, sans-IO (RFC 9110, RFC 9112).
+
+Owns: finding and parsing request and response heads, deciding body framing, the chunked decoder, and the
+removal of hop-by-hop headers.  Parsers take bytes and return values or raise a ``ProxyError`` subclass carrying
+the status (400, 414, 431, 501, 505 for requests; ``UpstreamProtocolError`` for responses).
+
+Why our own parser and not aiohttp's: the proxy must forward the request target and most header lines
+byte-exact, must refuse every framing ambiguity a desync attack relies on (CL+TE, duplicate Content-Length,
+obs-fold, bare LF, whitespace before the colon, odd chunk sizes), and must stream bodies without an intermediate
+StreamReader.  A strict parser of raw lines does all three, and validating a whole header block with one compiled
+regular expression keeps it cheaper than building a multidict and a URL object per request.
+
+Must not: do IO, know about identity or policy, or allocate per header more than the line it keeps.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .errors import (
+    BadRequest,
+    ExpectationFailed,
+    HeadersTooLarge,
+    NotImplementedCoding,
+    UpstreamProtocolError,
+    UriTooLong,
+    VersionNotSupported,
+)
+
+MAX_REQUEST_LINE = 8 * 1024
+MAX_HEAD = 64 * 1024
+MAX_HEADERS = 100
+MAX_CHUNK_LINE = 4 * 1024  # chunk-size line with extensions
+MAX_TRAILERS = 16 * 1024
+
+# RFC 9110 §5.1/§5.5: field-name = token; field-value = visible ASCII, SP, HTAB and obs-text.  Each line must
+# end in CRLF, so a bare LF, a CR inside a value, a NUL, whitespace before the colon (token chars exclude it) and
+# obs-fold (a line starting with SP/HTAB is not a token) all fail this one match.
+_HEADER_BLOCK = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# origin-form (RFC 9112 §3.2.1): absolute-path [ "?" query ]; visible ASCII except "#" (no fragment on the wire).
+_ORIGIN_FORM = re.compile(rb"/[!\"$-~]*")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
+_CHUNK_EXT = re.compile(rb"(?:[ \t]*;[ \t]*[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+                        rb"(?:[ \t]*=[ \t]*(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+|\"(?:[\t\x20!\x23-\x5b\x5d-\x7e\x80-\xff]"
+                        rb"|\\[\t\x20-\x7e\x80-\xff])*\"))?)*")
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?")
+
+# RFC 9110 §7.6.1 hop-by-hop fields, never forwarded in either direction.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+    b"proxy-authorization", b"proxy-authenticate",
+})
+
+# Classification of header names the request parser acts on; any other name is forwarded as the raw line.
+_H_DROP, _H_CL, _H_TE, _H_HOST, _H_CONN, _H_EXPECT = range(6)
+
+
+class RequestHead:
+    """A parsed request head.  ``lines`` are the raw header lines to forward (CRLF-less)."""
+
+    __slots__ = ("method", "target", "path", "query", "http11", "keep_alive", "content_length", "chunked",
+                 "expect_continue", "lines")
+
+    def __init__(self, method: str, target: bytes, path: str, query: bytes, http11: bool, keep_alive: bool,
+                 content_length: int | None, chunked: bool, expect_continue: bool, lines: list[bytes]) -> None:
+        self.method = method
+        self.target = target
+        self.path = path
+        self.query = query
+        self.http11 = http11
+        self.keep_alive = keep_alive
+        self.content_length = content_length
+        self.chunked = chunked
+        self.expect_continue = expect_continue
+        self.lines = lines
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+
+class ResponseHead:
+    """A parsed upstream response head; ``lines`` are the end-to-end header lines to pass on."""
+
+    __slots__ = ("status", "reason", "http11", "keep_alive", "content_length", "chunked", "lines")
+
+    def __init__(self, status: int, reason: bytes, http11: bool, keep_alive: bool, content_length: int | None,
+                 chunked: bool, lines: list[bytes]) -> None:
+        self.status = status
+        self.reason = reason
+        self.http11 = http11
+        self.keep_alive = keep_alive
+        self.content_length = content_length
+        self.chunked = chunked
+        self.lines = lines
+
+
+def find_head_end(buf: bytes | bytearray, limit: int = MAX_HEAD) -> int:
+    """Index just past the blank line ending the head, or -1 if more bytes are needed.
+
+    Raises early for what can never become valid: an over-long request line (414), a head over ``limit``
+    (431), and a bare LF (400) — so a slow client cannot make the proxy buffer garbage.
+    """
+    end = buf.find(b"\r\n\r\n", 0, limit + 4)
+    if end >= 0:
+        return end + 4
+    if len(buf) > limit:
+        first = buf.find(b"\r\n", 0, MAX_REQUEST_LINE + 2)
+        if first < 0:
+            raise UriTooLong("request line too long")
+        raise HeadersTooLarge(f"request head larger than {limit} bytes")
+    if b"\n" in buf and b"\n" in buf.replace(b"\r\n", b""):
+        raise BadRequest("bare LF in request head")
+    if len(buf) > MAX_REQUEST_LINE and buf.find(b"\r\n", 0, MAX_REQUEST_LINE + 2) < 0:
+        raise UriTooLong("request line too long")
+    return -1
+
+
+def _split_head(head: bytes) -> tuple[bytes, list[bytes]]:
+    """Request/status line and the header lines of a complete head (ending in CRLF CRLF)."""
+    first = head.find(b"\r\n")
+    block = head[first + 2:-2]  # every header line still ends in CRLF
+    if _HEADER_BLOCK.fullmatch(block) is None:
+        raise BadRequest(_diagnose(block))
+    lines = block.split(b"\r\n")
+    lines.pop()  # the empty string after the last CRLF
+    if len(lines) > MAX_HEADERS:
+        raise HeadersTooLarge(f"more than {MAX_HEADERS} header fields")
+    return head[:first], lines
+
+
+def _diagnose(block: bytes) -> str:
+    """Say which rule a rejected header block broke (cold path, only on refusal)."""
+    for line in block.split(b"\r\n")[:-1]:
+        if _HEADER_BLOCK.fullmatch(line + b"\r\n"):
+            continue
+        if line[:1] in (b" ", b"\t"):
+            return "obsolete line folding in header"
+        name, sep, value = line.partition(b":")
+        if not sep:
+            return "header line without a colon"
+        if name != name.rstrip(b" \t"):
+            return "whitespace between header name and colon"
+        if not _TOKEN.fullmatch(name):
+            return "invalid character in header name"
+        if b"\n" in value or b"\r" in value:
+            return "bare CR or LF in header"
+        return "invalid character in header value"
+    return "malformed header block"
+
+
+def parse_request_head(head: bytes, drop: frozenset[bytes] = frozenset()) -> RequestHead:
+    """Parse a complete request head (through the blank line), strictly.
+
+    ``drop`` holds lowercase names (with ``-``) removed before forwarding in addition to hop-by-hop ones; a name
+    sent with ``_`` in place of ``-`` is dropped too, because some servers treat the two as the same header.
+    """
+    while head.startswith(b"\r\n"):  # RFC 9112 §2.2: ignore empty lines before the request line
+        head = head[2:]
+    line, lines = _split_head(head)
+    if len(line) > MAX_REQUEST_LINE:
+        raise UriTooLong("request line too long")
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        raise BadRequest("malformed request line")
+    method_b, target, version = parts
+    if version == b"HTTP/1.1":
+        http11 = True
+    elif version == b"HTTP/1.0":
+        http11 = False
+    elif version.startswith(b"HTTP/") and re.fullmatch(rb"HTTP/[0-9]\.[0-9]", version):
+        raise VersionNotSupported(f"HTTP version {version.decode()} not supported")
+    else:
+        raise BadRequest("malformed request line")
+    if _TOKEN.fullmatch(method_b) is None:
+        raise BadRequest("invalid method")
+    if _ORIGIN_FORM.fullmatch(target) is None:
+        raise BadRequest("request target must be an absolute path (origin-form)")
+    q = target.find(b"?")
+    if q < 0:
+        path_b, query = target, b""
+    else:
+        path_b, query = target[:q], target[q:]
+
+    content_length: int | None = None
+    te_values: list[bytes] = []
+    conn_tokens: list[bytes] = []
+    hosts = 0
+    expect_continue = False
+    fwd: list[bytes] = []
+    fwd_names: list[bytes] = []
+    classify = _REQUEST_NAMES
+    for hline in lines:
+        colon = hline.index(b":")
+        lname = hline[:colon].lower()
+        if b"_" in lname:
+            alias = lname.replace(b"_", b"-")
+            if alias in drop or alias in classify:
+                continue  # never forward an underscore twin of a header we own or interpret
+        kind = classify.get(lname)
+        if kind is None:
+            if lname in drop:
+                continue
+            fwd.append(hline)
+            fwd_names.append(lname)
+            continue
+        value = hline[colon + 1:].strip(b" \t")
+        if kind == _H_CL:
+            if content_length is not None:
+                raise BadRequest("duplicate Content-Length")
+            if not value.isdigit() or len(value) > 18:
+                raise BadRequest("invalid Content-Length")
+            content_length = int(value)
+            fwd.append(hline)
+            fwd_names.append(lname)
+        elif kind == _H_TE:
+            te_values.append(value)
+        elif kind == _H_HOST:
+            hosts += 1
+        elif kind == _H_CONN:
+            conn_tokens.extend(t.strip(b" \t").lower() for t in value.split(b","))
+        elif kind == _H_EXPECT:
+            if value.lower() != b"100-continue":
+                raise ExpectationFailed("only Expect: 100-continue is supported")
+            expect_continue = True
+        # _H_DROP: hop-by-hop, removed
+
+    if http11 and hosts != 1:
+        raise BadRequest("exactly one Host header is required" if hosts else "missing Host header")
+    if hosts > 1:
+        raise BadRequest("more than one Host header")
+    chunked = False
+    if te_values:
+        if not http11:
+            raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+        codings = [c.strip(b" \t").lower() for v in te_values for c in v.split(b",")]
+        if any(c != b"chunked" for c in codings):
+            if codings[-1] != b"chunked" or any(c == b"" for c in codings):
+                raise BadRequest("chunked must be the final transfer coding")
+            raise NotImplementedCoding("unsupported transfer coding")
+        if len(codings) != 1:
+            raise BadRequest("chunked applied more than once")
+        if content_length is not None:
+            # RFC 9112 §6.3: a request with both is a smuggling attempt; refuse rather than pick one.
+            raise BadRequest("both Content-Length and Transfer-Encoding")
+        chunked = True
+    if http11:
+        keep_alive = b"close" not in conn_tokens
+    else:
+        keep_alive = b"keep-alive" in conn_tokens and b"close" not in conn_tokens
+    if conn_tokens:
+        extra = set(conn_tokens) - {b"close", b"keep-alive", b""}
+        if extra:  # RFC 9110 §7.6.1: fields named in Connection are hop-by-hop too
+            fwd = [ln for ln, n in zip(fwd, fwd_names) if n not in extra]
+    if expect_continue and not (chunked or content_length):
+        expect_continue = False  # nothing to wait for
+    return RequestHead(method_b.decode("ascii"), target, path_b.decode("ascii"), query, http11, keep_alive,
+                       content_length, chunked, expect_continue, fwd)
+
+
+_REQUEST_NAMES: dict[bytes, int] = {name: _H_DROP for name in HOP_BY_HOP}
+_REQUEST_NAMES.update({b"content-length": _H_CL, b"transfer-encoding": _H_TE, b"host": _H_HOST,
+                       b"connection": _H_CONN, b"expect": _H_EXPECT})
+
+
+def parse_response_head(head: bytes) -> ResponseHead:
+    """Parse an upstream response head; anything ambiguous is an ``UpstreamProtocolError`` (502)."""
+    try:
+        line, lines = _split_head(head)
+    except (BadRequest, HeadersTooLarge) as exc:
+        raise UpstreamProtocolError(f"bad response head: {exc.detail}") from None
+    m = _STATUS_LINE.fullmatch(line)
+    if m is None:
+        raise UpstreamProtocolError("bad status line")
+    http11 = m.group(1) == b"1"
+    status = int(m.group(2))
+    reason = m.group(3) or b""
+    content_length: int | None = None
+    chunked = False
+    te_seen = False
+    conn_tokens: list[bytes] = []
+    fwd: list[bytes] = []
+    fwd_names: list[bytes] = []
+    for hline in lines:
+        colon = hline.index(b":")
+        lname = hline[:colon].lower()
+        if lname == b"content-length":
+            value = hline[colon + 1:].strip(b" \t")
+            if not value.isdigit() or len(value) > 18:
+                raise UpstreamProtocolError("invalid Content-Length in response")
+            n = int(value)
+            if content_length is not None and n != content_length:
+                raise UpstreamProtocolError("conflicting Content-Length in response")
+            if content_length is None:
+                fwd.append(hline)
+                fwd_names.append(lname)
+            content_length = n
+        elif lname == b"transfer-encoding":
+            te_seen = True
+            codings = [c.strip(b" \t").lower() for c in hline[colon + 1:].split(b",")]
+            if codings != [b"chunked"] or chunked:
+                raise UpstreamProtocolError("unsupported transfer coding in response")
+            chunked = True
+        elif lname == b"connection":
+            conn_tokens.extend(t.strip(b" \t").lower() for t in hline[colon + 1:].split(b","))
+        elif lname in HOP_BY_HOP:
+            continue
+        else:
+            fwd.append(hline)
+            fwd_names.append(lname)
+    if te_seen and content_length is not None:
+        raise UpstreamProtocolError("both Content-Length and Transfer-Encoding in response")
+    keep_alive = (b"close" not in conn_tokens) if http11 else (b"keep-alive" in conn_tokens)
+    extra = set(conn_tokens) - {b"close", b"keep-alive", b""}
+    if extra:
+        fwd = [ln for ln, n in zip(fwd, fwd_names) if n not in extra]
+    return ResponseHead(status, reason, http11, keep_alive, content_length, chunked, fwd)
+
+
+class ChunkedDecoder:
+    """Incremental, strict chunked transfer-coding decoder (RFC 9112 §7.1).
+
+    ``feed(data)`` returns the body pieces found and, once the last chunk and trailer section are complete,
+    the bytes after them (else None).  Trailer fields are validated and discarded.  ``error`` is the exception
+    class raised for malformed input (BadRequest for requests, UpstreamProtocolError for responses).
+    """
+
+    __slots__ = ("_state", "_remaining", "_line", "_trailers", "_error", "total")
+
+    _SIZE, _DATA, _DATA_CRLF, _TRAILER, _DONE = range(5)
+
+    def __init__(self, error: type[Exception] = BadRequest) -> None:
+        self._state = self._SIZE
+        self._remaining = 0
+        self._line = b""
+        self._trailers = 0
+        self._error = error
+        self.total = 0
+
+    @property
+    def done(self) -> bool:
+        return self._state == self._DONE
+
+    def feed(self, data: bytes) -> tuple[list[bytes], bytes | None]:
+        pieces: list[bytes] = []
+        pos = 0
+        n = len(data)
+        while pos < n:
+            state = self._state
+            if state == self._DATA:
+                take = min(self._remaining, n - pos)
+                pieces.append(data[pos:pos + take] if (pos or take != n) else data)
+                pos += take
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._state = self._DATA_CRLF
+            elif state == self._DATA_CRLF:
+                need = 2 - len(self._line)
+                self._line += data[pos:pos + need]
+                pos += need
+                if len(self._line) == 2:
+                    if self._line != b"\r\n":
+                        raise self._error("chunk data not followed by CRLF")
+                    self._line = b""
+                    self._state = self._SIZE
+            elif state in (self._SIZE, self._TRAILER):
+                end = data.find(b"\n", pos)
+                if end < 0:
+                    self._line += data[pos:]
+                    pos = n
+                    limit = MAX_CHUNK_LINE if state == self._SIZE else MAX_TRAILERS
+                    if len(self._line) > limit:
+                        raise self._error("chunk line too long")
+                    break
+                line = self._line + data[pos:end + 1]
+                pos = end + 1
+                self._line = b""
+                if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+                    raise self._error("bare LF or CR in chunked framing")
+                line = line[:-2]
+                if state == self._SIZE:
+                    self._size_line(line)
+                else:
+                    self._trailer_line(line)
+                    if self._state == self._DONE:
+                        return pieces, data[pos:]
+            else:  # _DONE: never fed again by callers
+                return pieces, data[pos:]
+        return pieces, (b"" if self._state == self._DONE else None)
+
+    def _size_line(self, line: bytes) -> None:
+        semi = line.find(b";")
+        size_b, ext = (line, b"") if semi < 0 else (line[:semi].rstrip(b" \t"), line[semi:])
+        if _CHUNK_SIZE.fullmatch(size_b) is None:
+            raise self._error("invalid chunk size")
+        if ext and _CHUNK_EXT.fullmatch(ext) is None:
+            raise self._error("invalid chunk extension")
+        size = int(size_b, 16)
+        self.total += size
+        if size == 0:
+            self._state = self._TRAILER
+        else:
+            self._remaining = size
+            self._state = self._DATA
+
+    def _trailer_line(self, line: bytes) -> None:
+        if not line:
+            self._state = self._DONE
+            return
+        self._trailers += len(line) + 2
+        if self._trailers > MAX_TRAILERS:
+            raise self._error("trailer section too large")
+        if _HEADER_BLOCK.fullmatch(line + b"\r\n") is None:
+            raise self._error("malformed trailer field")
+
+
+def chunk(data: bytes) -> tuple[bytes, bytes, bytes]:
+    """The three pieces that frame ``data`` as one chunk (for ``transport.writelines``)."""
+    return (b"%x\r\n" % len(data), data, b"\r\n")
+
+
+LAST_CHUNK = b"0\r\n\r\n"

@@ -1,0 +1,246 @@
+"""proxy.http1: strict request/response head parsing and chunked decoding, as byte tables."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy import http1
+from proxy.errors import (
+    BadRequest,
+    ExpectationFailed,
+    HeadersTooLarge,
+    NotImplementedCoding,
+    UpstreamProtocolError,
+    UriTooLong,
+    VersionNotSupported,
+)
+from proxy.headers import SPOOFABLE
+
+
+def req(*header_lines: bytes, line: bytes = b"GET /a?b=c HTTP/1.1") -> bytes:
+    return line + b"\r\n" + b"".join(h + b"\r\n" for h in header_lines) + b"\r\n"
+
+
+def test_simple_get() -> None:
+    h = http1.parse_request_head(req(b"Host: x", b"Accept: */*", b"X-Custom:  v  "), SPOOFABLE)
+    assert h.method == "GET"
+    assert h.target == b"/a?b=c"
+    assert h.path == "/a" and h.query == b"?b=c"
+    assert h.http11 and h.keep_alive
+    assert h.content_length is None and not h.chunked and not h.has_body
+    # end-to-end lines are forwarded raw (byte-exact), Host is replaced by the proxy
+    assert h.lines == [b"Accept: */*", b"X-Custom:  v  "]
+
+
+@pytest.mark.parametrize("head, exc, message", [
+    (req(b"Host: x", b"Content-Length: 5", b"Transfer-Encoding: chunked"), BadRequest, "both"),  # CL+TE
+    (req(b"Host: x", b"Transfer-Encoding: chunked", b"Content-Length: 5"), BadRequest, "both"),  # TE+CL
+    (req(b"Host: x", b"Content-Length: 5", b"Content-Length: 5"), BadRequest, "duplicate"),
+    (req(b"Host: x", b"Content-Length: 5, 5"), BadRequest, "Content-Length"),
+    (req(b"Host: x", b"Content-Length: -1"), BadRequest, "Content-Length"),
+    (req(b"Host: x", b"Content-Length: 0x10"), BadRequest, "Content-Length"),
+    (req(b"Host: x", b"Content-Length: +5"), BadRequest, "Content-Length"),
+    (req(b"Host: x", b"X-A: 1", b" folded"), BadRequest, "folding"),  # obs-fold
+    (req(b"Host: x", b"X-A : 1"), BadRequest, "whitespace"),  # whitespace before colon
+    (req(b"Host: x", b"X-A\t: 1"), BadRequest, "whitespace"),
+    (req(b"Host: x", b"X-A: a\x00b"), BadRequest, "invalid character"),  # NUL
+    (req(b"Host: x", b"X-A: a\x01b"), BadRequest, "invalid character"),
+    (req(b"Host: x", b"X-A: a\rb"), BadRequest, "CR or LF"),
+    (req(b"Host: x", b"NoColon"), BadRequest, "colon"),
+    (req(b"Host: x", b"B@d: 1"), BadRequest, "header name"),
+    (req(), BadRequest, "Host"),  # HTTP/1.1 without Host
+    (req(b"Host: a", b"Host: b"), BadRequest, "Host"),
+    (req(b"Host: x", line=b"GET  /a HTTP/1.1"), BadRequest, "request line"),
+    (req(b"Host: x", line=b"GET /a HTTP/1.1 "), BadRequest, "request line"),
+    (req(b"Host: x", line=b"GET http://evil/a HTTP/1.1"), BadRequest, "origin-form"),
+    (req(b"Host: x", line=b"GET * HTTP/1.1"), BadRequest, "origin-form"),
+    (req(b"Host: x", line=b"GET /a#frag HTTP/1.1"), BadRequest, "origin-form"),
+    (req(b"Host: x", line=b"GET /a\x7f HTTP/1.1"), BadRequest, "origin-form"),
+    (req(b"Host: x", line=b"G(T /a HTTP/1.1"), BadRequest, "method"),
+    (req(b"Host: x", line=b"GET /a HTTP/2.0"), VersionNotSupported, "not supported"),
+    (req(b"Host: x", line=b"GET /a HTTP/1.1x"), BadRequest, "request line"),
+    (req(b"Host: x", line=b"GET /a http/1.1"), BadRequest, "request line"),
+    (req(b"Host: x", b"Transfer-Encoding: gzip, chunked"), NotImplementedCoding, "unsupported"),
+    (req(b"Host: x", b"Transfer-Encoding: xchunked"), BadRequest, "final"),
+    (req(b"Host: x", b"Transfer-Encoding: chunked, identity"), BadRequest, "final"),
+    (req(b"Host: x", b"Transfer-Encoding: identity"), BadRequest, "final"),
+    (req(b"Host: x", b"Transfer-Encoding: chunked", b"Transfer-Encoding: chunked"), BadRequest, "more than once"),
+    (req(b"Host: x", b"Transfer-Encoding: chunked,"), BadRequest, "final"),
+    (req(b"Transfer-Encoding: chunked", line=b"POST / HTTP/1.0"), BadRequest, "HTTP/1.0"),
+    (req(b"Host: x", b"Expect: 200-ok"), ExpectationFailed, "100-continue"),
+])
+def test_refused_heads(head: bytes, exc: type[Exception], message: str) -> None:
+    with pytest.raises(exc) as info:
+        http1.parse_request_head(head, SPOOFABLE)
+    assert message.lower() in str(info.value).lower()
+
+
+@pytest.mark.parametrize("te", [b"chunked", b"Chunked", b"CHUNKED", b" chunked "])
+def test_chunked_coding_name_is_case_insensitive(te: bytes) -> None:
+    h = http1.parse_request_head(req(b"Host: x", b"Transfer-Encoding:" + te), SPOOFABLE)
+    assert h.chunked and h.has_body
+    assert not any(ln.lower().startswith(b"transfer-encoding") for ln in h.lines)
+
+
+def test_hop_by_hop_and_connection_named_headers_are_dropped() -> None:
+    h = http1.parse_request_head(req(
+        b"Host: x", b"Connection: keep-alive, X-Secret-Hop", b"Keep-Alive: timeout=5", b"Proxy-Connection: x",
+        b"TE: trailers", b"Trailer: X-T", b"Upgrade: websocket", b"Proxy-Authorization: Basic Zm9v",
+        b"Proxy-Authenticate: Basic", b"X-Secret-Hop: 1", b"X-Kept: yes"), SPOOFABLE)
+    assert h.lines == [b"X-Kept: yes"]
+
+
+@pytest.mark.parametrize("name", [
+    b"X-Client-Cert-Subject", b"x-client-cert-fingerprint", b"X-Client-Cert-Serial", b"X-Forwarded-Client-Cert",
+    b"X-Forwarded-For", b"X-Forwarded-Proto", b"X-Client-Vpce-Id", b"x-apigw-api-id", b"Forwarded",
+    b"X_Client_Cert_Subject", b"x_forwarded_for", b"X-Client_Cert-Fingerprint", b"X_FORWARDED_CLIENT_CERT",
+    b"Content_Length", b"Transfer_Encoding", b"Host_",
+])
+def test_spoofable_identity_headers_and_underscore_twins_are_removed(name: bytes) -> None:
+    h = http1.parse_request_head(req(b"Host: x", name + b": spoofed", b"X-Ok: 1"), SPOOFABLE)
+    if name == b"Host_":
+        assert h.lines == [b"Host_: spoofed", b"X-Ok: 1"]  # not a twin of anything: kept
+    else:
+        assert h.lines == [b"X-Ok: 1"]
+
+
+def test_content_length_body_and_keep_alive_rules() -> None:
+    h = http1.parse_request_head(req(b"Host: x", b"Content-Length: 12", line=b"POST /u HTTP/1.1"))
+    assert h.content_length == 12 and h.has_body and b"Content-Length: 12" in h.lines
+    assert not http1.parse_request_head(req(b"Host: x", b"Connection: close")).keep_alive
+    assert not http1.parse_request_head(req(line=b"GET / HTTP/1.0")).keep_alive
+    h10 = http1.parse_request_head(req(b"Connection: Keep-Alive", line=b"GET / HTTP/1.0"))
+    assert h10.keep_alive and not h10.http11
+
+
+def test_expect_continue_only_with_a_body() -> None:
+    h = http1.parse_request_head(req(b"Host: x", b"Expect: 100-continue", b"Content-Length: 3"))
+    assert h.expect_continue
+    h = http1.parse_request_head(req(b"Host: x", b"Expect: 100-Continue"))
+    assert not h.expect_continue
+    assert not any(ln.lower().startswith(b"expect") for ln in h.lines)  # never forwarded upstream
+
+
+def test_leading_empty_lines_are_ignored() -> None:
+    assert http1.parse_request_head(b"\r\n\r\n" + req(b"Host: x")).method == "GET"
+
+
+def test_find_head_end_limits() -> None:
+    assert http1.find_head_end(b"GET / HTTP/1.1\r\nHost: x\r\n") == -1
+    assert http1.find_head_end(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nrest") == len(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    with pytest.raises(BadRequest, match="bare LF"):
+        http1.find_head_end(b"GET / HTTP/1.1\nHost: x\n\n")
+    with pytest.raises(UriTooLong):
+        http1.find_head_end(b"GET /" + b"a" * (http1.MAX_REQUEST_LINE + 10))
+    with pytest.raises(HeadersTooLarge):
+        http1.find_head_end(b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * 20000)
+    with pytest.raises(HeadersTooLarge):
+        http1.parse_request_head(req(b"Host: x", *[b"X-%d: 1" % i for i in range(http1.MAX_HEADERS + 1)]))
+
+
+def test_uri_too_long_in_complete_head() -> None:
+    with pytest.raises(UriTooLong):
+        http1.parse_request_head(req(b"Host: x", line=b"GET /" + b"a" * http1.MAX_REQUEST_LINE + b" HTTP/1.1"))
+
+
+def feed_all(data: bytes, step: int) -> tuple[bytes, bytes | None]:
+    dec = http1.ChunkedDecoder()
+    body = b""
+    rest = None
+    for i in range(0, len(data), step):
+        pieces, rest = dec.feed(data[i:i + step])
+        body += b"".join(pieces)
+        if rest is not None:
+            rest += data[i + step:]
+            break
+    return body, rest
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 1000])
+def test_chunked_decoding_any_split(step: int) -> None:
+    data = b"5\r\nhello\r\n6;ext=1;q=\"a b\"\r\n world\r\n0\r\nX-Trailer: t\r\n\r\nNEXT"
+    body, rest = feed_all(data, step)
+    assert body == b"hello world"
+    assert rest == b"NEXT"
+
+
+@pytest.mark.parametrize("data", [
+    b"-5\r\nhello\r\n0\r\n\r\n",  # negative
+    b"0x5\r\nhello\r\n0\r\n\r\n",  # 0x prefix
+    b"g\r\n",  # non-hex
+    b" 5\r\nhello\r\n",  # leading space
+    b"5 \r\nhello\r\n",  # trailing space without extension
+    b"1000000000000000\r\n",  # 16 hex digits: overflow guard
+    b"5\r\nhelloXX0\r\n\r\n",  # missing CRLF after data
+    b"5\nhello\r\n0\r\n\r\n",  # bare LF after size
+    b"5\r\nhello\r\n0\r\nX-T: a\nb\r\n\r\n",  # bare LF in trailer
+    b"5;\r\nhello\r\n",  # empty extension
+    b"5;a=\"unterminated\r\nhello\r\n",
+    b"\r\n",  # empty size line
+    b"0\r\nBad Trailer\r\n\r\n",
+])
+def test_chunked_decoding_refuses_oddities(data: bytes) -> None:
+    with pytest.raises(BadRequest):
+        feed_all(data, 1)
+    with pytest.raises(BadRequest):
+        feed_all(data, len(data))
+
+
+def test_chunked_decoder_uses_given_error_class() -> None:
+    dec = http1.ChunkedDecoder(UpstreamProtocolError)
+    with pytest.raises(UpstreamProtocolError):
+        dec.feed(b"zz\r\n")
+
+
+@given(st.lists(st.binary(min_size=1, max_size=50), max_size=10), st.integers(min_value=1, max_value=40))
+def test_chunked_round_trip(pieces: list[bytes], step: int) -> None:
+    data = b"".join(b"".join(http1.chunk(p)) for p in pieces) + http1.LAST_CHUNK
+    body, rest = feed_all(data, step)
+    assert body == b"".join(pieces)
+    assert rest == b""
+
+
+@given(st.binary(max_size=300))
+def test_request_parser_only_raises_proxy_errors(data: bytes) -> None:
+    from proxy.errors import ProxyError
+    try:
+        end = http1.find_head_end(data)
+        if end > 0:
+            http1.parse_request_head(data[:end], SPOOFABLE)
+    except ProxyError:
+        pass
+
+
+def resp(*lines: bytes, status: bytes = b"HTTP/1.1 200 OK") -> bytes:
+    return status + b"\r\n" + b"".join(ln + b"\r\n" for ln in lines) + b"\r\n"
+
+
+def test_response_heads() -> None:
+    r = http1.parse_response_head(resp(b"Content-Length: 3", b"Connection: keep-alive", b"X-A: 1"))
+    assert (r.status, r.reason, r.content_length, r.chunked, r.keep_alive) == (200, b"OK", 3, False, True)
+    assert r.lines == [b"Content-Length: 3", b"X-A: 1"]
+    r = http1.parse_response_head(resp(b"Transfer-Encoding: chunked", status=b"HTTP/1.1 404"))
+    assert r.status == 404 and r.chunked and r.reason == b""
+    assert not http1.parse_response_head(resp(b"Connection: close")).keep_alive
+    assert not http1.parse_response_head(resp(status=b"HTTP/1.0 200 OK")).keep_alive
+    # identical duplicate Content-Length is tolerated (RFC 9110 §8.6) and forwarded once
+    r = http1.parse_response_head(resp(b"Content-Length: 3", b"Content-Length: 3"))
+    assert r.lines == [b"Content-Length: 3"]
+
+
+@pytest.mark.parametrize("head", [
+    resp(b"Content-Length: 3", b"Content-Length: 4"),
+    resp(b"Content-Length: 3", b"Transfer-Encoding: chunked"),
+    resp(b"Transfer-Encoding: gzip"),
+    resp(b"Content-Length: x"),
+    resp(b"X-A : 1"),
+    resp(status=b"HTTP/1.1 2000 OK"),
+    resp(status=b"HTTP/2 200 OK"),
+    resp(status=b"garbage"),
+    resp(b" folded"),
+])
+def test_bad_response_heads(head: bytes) -> None:
+    with pytest.raises(UpstreamProtocolError):
+        http1.parse_response_head(head)
