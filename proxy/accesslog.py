@@ -1,0 +1,107 @@
+"""The access log: one JSON object per request on stdout, written in batches.
+
+Owns: the line format, the per-connection prefix (client address, endpoint id, subject, fingerprint: escaped
+once per connection), and batching (lines are collected and written at most every ``FLUSH_INTERVAL`` seconds or
+when ``FLUSH_BYTES`` accumulate, so a busy proxy does not pay one write syscall per request).  ``close()`` flushes
+what is left, so a drain loses no lines.
+
+Fields: time (UTC, ms), client, vpce, subject, fingerprint, rule, method, path (as received), status, bytes_in
+(request body), bytes_out (response body), duration_ms, upstream_ms, error (machine code or null).  No header
+values, no bodies, no keys: nothing secret.
+
+Must not: block the event loop for long (a line is appended to a list), or log anything a client sent other than
+method and request target (both restricted to visible ASCII by the parser, JSON-escaped here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+
+FLUSH_INTERVAL = 0.25
+FLUSH_BYTES = 64 * 1024
+PIPE_BUF = 4096
+
+
+def connection_prefix(client: str, vpce_id: str | None, subject: str, fingerprint: str) -> str:
+    """The JSON fragment shared by every line of one connection (built once)."""
+    d = json.dumps
+    return (f'"client":{d(client)},"vpce":{d(vpce_id)},"subject":{d(subject)},'
+            f'"fingerprint":{d(fingerprint)}')
+
+
+class AccessLog:
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int | None = 1) -> None:
+        self._loop = loop
+        self._fd = fd
+        self._lines: list[str] = []
+        self._size = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._second = -1
+        self._stamp = ""
+
+    @property
+    def enabled(self) -> bool:
+        return self._fd is not None
+
+    def _time(self) -> str:
+        now = time.time()
+        sec = int(now)
+        if sec != self._second:  # format the date part once per second
+            self._second = sec
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        return f"{self._stamp}.{int((now - sec) * 1000):03d}Z"
+
+    def write(self, prefix: str, rule: str | None, method: str, target: bytes, status: int, bytes_in: int,
+              bytes_out: int, duration: float, upstream: float | None, error: str | None) -> None:
+        if self._fd is None:
+            return
+        line = (f'{{"time":"{self._time()}",{prefix},"rule":{json.dumps(rule)},"method":{json.dumps(method)},'
+                f'"path":{json.dumps(target.decode("ascii", "replace"))},"status":{status},'
+                f'"bytes_in":{bytes_in},"bytes_out":{bytes_out},"duration_ms":{duration * 1000:.3f},'
+                f'"upstream_ms":{"null" if upstream is None else f"{upstream * 1000:.3f}"},'
+                f'"error":{json.dumps(error)}}}\n')
+        self._lines.append(line)
+        self._size += len(line)
+        if self._size >= FLUSH_BYTES:
+            self.flush()
+        elif self._timer is None:
+            self._timer = self._loop.call_later(FLUSH_INTERVAL, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._lines or self._fd is None:
+            return
+        lines = self._lines
+        self._lines = []
+        self._size = 0
+        # Writes of at most PIPE_BUF bytes, each ending at a line end: several workers share one stdout pipe,
+        # and only writes that small are atomic there, so lines never interleave.
+        piece: list[str] = []
+        size = 0
+        for line in lines:
+            if size + len(line) > PIPE_BUF and piece:
+                self._write("".join(piece).encode())
+                piece, size = [], 0
+            piece.append(line)
+            size += len(line)
+        if piece:
+            self._write("".join(piece).encode())
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self._fd, view)  # type: ignore[arg-type]
+            except BlockingIOError:
+                continue
+            except OSError:
+                return  # stdout gone (closed pipe): the proxy keeps serving
+            view = view[n:]
+
+    def close(self) -> None:
+        self.flush()

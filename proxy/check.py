@@ -1,0 +1,94 @@
+"""``mtls-proxy check``: validate a configuration and everything it names, and warn about weak settings.
+
+Owns: the list of warnings (exit status stays 0): TLS 1.2 suites without AEAD (CBC) or with 3DES, upstream
+verification off, ``allow_all_verified``, certificates or CRLs that expire within 30 days, and CRL coverage (with
+``crl`` set, OpenSSL refuses every client whose issuing CA has no CRL in the file).
+
+Must not: start anything; it shares the loader and the context builders with ``serve``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ssl
+
+from cryptography import x509
+
+from .config import Config, load
+from .errors import ConfigErrors
+from .runtime import build_runtime
+from .tls import CertFact, expiring, read_pem
+
+WARN_DAYS = 30
+
+
+def check(path: str | None) -> tuple[list[str], list[str]]:
+    """(errors, warnings) as display lines, each naming the key or file."""
+    try:
+        cfg = load(path)
+    except ConfigErrors as exc:
+        return [str(e) for e in exc.errors], []
+    try:
+        rt = build_runtime(cfg)
+    except ConfigErrors as exc:
+        return [str(e) for e in exc.errors], []
+    warnings = _cipher_warnings(rt.server_context)
+    if not cfg.upstream.verify:
+        warnings.append("upstream.verify: false: the upstream certificate is not checked (anyone on the path "
+                        "can impersonate the API)")
+    if cfg.allow_all_verified:
+        warnings.append("allow_all_verified: true: every client with a certificate from server.client_ca is "
+                        "allowed, on every method and path")
+    warnings += _expiry_warnings(rt.facts)
+    warnings += _crl_coverage(cfg)
+    return [], warnings
+
+
+def _cipher_warnings(ctx: ssl.SSLContext) -> list[str]:
+    weak, des = [], []
+    for c in ctx.get_ciphers():
+        if c.get("protocol") == "TLSv1.3":
+            continue
+        if "DES" in c["name"]:
+            des.append(c["name"])
+        elif not c.get("aead"):
+            weak.append(c["name"])
+    out = []
+    if des:
+        out.append(f"server.ciphers: enables 3DES suites: {', '.join(des)}")
+    if weak:
+        out.append(f"server.ciphers: enables CBC (non-AEAD) suites: {', '.join(weak)}")
+    return out
+
+
+def _label_key(fact: CertFact) -> str:
+    kind, _, name = fact.label.partition(":")
+    return {"server": "server.cert", "client_ca": f"server.client_ca ({name})", "crl": f"server.crl ({name})"}[kind]
+
+
+def _expiry_warnings(facts: list[CertFact]) -> list[str]:
+    now = dt.datetime.now(dt.timezone.utc).timestamp()
+    out = []
+    for f in expiring(facts, WARN_DAYS, now):
+        when = dt.datetime.fromtimestamp(f.not_after, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        what = "next update" if f.label.startswith("crl:") else "expiry"
+        if f.not_after <= now:
+            consequence = " (every client is refused)" if f.label.startswith("crl:") else ""
+            out.append(f"{_label_key(f)}: {what} {when} has passed{consequence}")
+        else:
+            out.append(f"{_label_key(f)}: {what} in {(f.not_after - now) / 86400:.0f} days ({when})")
+    return out
+
+
+def _crl_coverage(cfg: Config) -> list[str]:
+    if cfg.server.crl is None:
+        return []
+    cas = x509.load_pem_x509_certificates(read_pem(cfg.server.client_ca, "server.client_ca"))
+    pem = read_pem(cfg.server.crl, "server.crl")
+    issuers = set()
+    marker = b"-----BEGIN X509 CRL-----"
+    for part in pem.split(marker)[1:]:
+        crl = x509.load_pem_x509_crl(marker + part.split(b"-----END X509 CRL-----")[0] + b"-----END X509 CRL-----\n")
+        issuers.add(crl.issuer)
+    return [f"server.crl: no CRL for client CA {ca.subject.rfc4514_string()}: with crl set, OpenSSL refuses "
+            f"every client it issued" for ca in cas if ca.subject not in issuers]

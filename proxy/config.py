@@ -1,0 +1,490 @@
+"""Configuration: one frozen tree, built once by a pure loader and passed down.
+
+Owns: the schema (every key, its type and default), reading the TOML file, the ``MTLS_PROXY_*`` environment
+overrides, and value validation.  ``load()`` is the only place in the package that reads the environment; the
+``check`` and ``serve`` commands share it.  Every problem is collected as a ``ConfigError`` naming the key
+(``server.listen``, ``MTLS_PROXY_SERVER_LISTEN``, ``allow[2].paths``) and reported together.
+
+Must not: open certificates or sockets (``proxy.tls`` loads and checks the PEM files), or exit the process.
+
+Environment overrides: ``MTLS_PROXY_<SECTION>_<KEY>`` (``MTLS_PROXY_UPSTREAM_READ_TIMEOUT=45``), top-level keys as
+``MTLS_PROXY_<KEY>``, lists as JSON arrays, the whole rule list as JSON in ``MTLS_PROXY_ALLOW``.  An unknown
+``MTLS_PROXY_*`` variable is an error, so a typo cannot silently leave a default in place.
+
+PEM sources (``cert``, ``key``, ``client_ca``, ``crl``, ``ca_bundle``) are file paths, or ``env:NAME`` to read
+the PEM text from environment variable NAME (how ECS injects Secrets Manager secrets).  Relative paths in the file
+are relative to the file's directory; relative paths from the environment are relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import ConfigError, ConfigErrors
+
+ENV_PREFIX = "MTLS_PROXY_"
+
+# Mozilla "intermediate" TLS 1.2 suites: forward secrecy and AEAD only (no CBC, 3DES, RC4, NULL).
+DEFAULT_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class PemSource:
+    """Where PEM text comes from: a file (reloadable) or an environment variable (fixed for the process)."""
+
+    path: Path | None = None
+    env: str | None = None
+
+    def __str__(self) -> str:
+        return f"env:{self.env}" if self.env else str(self.path)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    cert: PemSource
+    key: PemSource
+    client_ca: PemSource
+    listen: Address = Address("0.0.0.0", 8443)
+    crl: PemSource | None = None
+    tls_versions: tuple[str, ...] = ("1.2", "1.3")
+    ciphers: str = DEFAULT_CIPHERS
+    verify_depth: int = 2
+    max_body_bytes: int = 10 * 1024 * 1024
+    proxy_protocol: bool = False
+    proxy_protocol_timeout: float = 3.0
+    handshake_timeout: float = 10.0
+    header_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    max_connections: int = 10000
+    workers: int = 1
+    shutdown_timeout: float = 25.0
+    reload_interval: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    url: str
+    scheme: str
+    host: str  # Host header, SNI and the name the certificate is verified against
+    port: int
+    base_path: str  # prefix of every forwarded path, without trailing slash ("" for none)
+    connect_to: Address | None = None
+    api_id: str | None = None
+    ca_bundle: PemSource | None = None
+    verify: bool = True
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    pool_max_idle: int = 64
+    pool_idle_timeout: float = 30.0
+
+    @property
+    def host_header(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        return self.host if self.port == default else f"{self.host}:{self.port}"
+
+    @property
+    def dial(self) -> Address:
+        return self.connect_to or Address(self.host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    listen: Address = Address("127.0.0.1", 9100)
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    access: bool = True
+    level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class AllowRule:
+    name: str
+    subject_cn: tuple[str, ...] = ()
+    san_dns: tuple[str, ...] = ()
+    san_uri: tuple[str, ...] = ()
+    fingerprint_sha256: tuple[str, ...] = ()
+    source_vpce: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig
+    upstream: UpstreamConfig
+    admin: AdminConfig = AdminConfig()
+    log: LogConfig = LogConfig()
+    allow: tuple[AllowRule, ...] = ()
+    allow_all_verified: bool = False
+    source: str = "<defaults>"
+    # Files the running proxy watches for hot reload (the config file itself and every file-based PEM source).
+    watched_files: tuple[Path, ...] = field(default=(), compare=False)
+
+
+# --- schema --------------------------------------------------------------------------------------------------
+# Raw key types; the section tables below drive both TOML and environment parsing.
+_STR, _BOOL, _INT, _FLOAT, _LIST, _PEM, _ADDR = "str", "bool", "int", "float", "list", "pem", "address"
+
+_SERVER_KEYS = {
+    "listen": _ADDR, "cert": _PEM, "key": _PEM, "client_ca": _PEM, "crl": _PEM, "tls_versions": _LIST,
+    "ciphers": _STR, "verify_depth": _INT, "max_body_bytes": _INT, "proxy_protocol": _BOOL,
+    "proxy_protocol_timeout": _FLOAT, "handshake_timeout": _FLOAT, "header_timeout": _FLOAT,
+    "idle_timeout": _FLOAT, "max_connections": _INT, "workers": _INT, "shutdown_timeout": _FLOAT,
+    "reload_interval": _FLOAT,
+}
+_UPSTREAM_KEYS = {
+    "url": _STR, "connect_to": _ADDR, "api_id": _STR, "ca_bundle": _PEM, "verify": _BOOL,
+    "connect_timeout": _FLOAT, "read_timeout": _FLOAT, "pool_max_idle": _INT, "pool_idle_timeout": _FLOAT,
+}
+_ADMIN_KEYS = {"listen": _ADDR}
+_LOG_KEYS = {"access": _BOOL, "level": _STR}
+_RULE_KEYS = {
+    "name": _STR, "subject_cn": _LIST, "san_dns": _LIST, "san_uri": _LIST, "fingerprint_sha256": _LIST,
+    "source_vpce": _LIST, "methods": _LIST, "paths": _LIST,
+}
+_SECTIONS = {"server": _SERVER_KEYS, "upstream": _UPSTREAM_KEYS, "admin": _ADMIN_KEYS, "log": _LOG_KEYS}
+_TOP_KEYS = {"allow_all_verified": _BOOL}
+_REQUIRED = {"server": ("cert", "key", "client_ca"), "upstream": ("url",)}
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_API_ID = re.compile(r"[a-z0-9]{1,64}")
+_VPCE = re.compile(r"vpce-[0-9a-f]{1,32}")
+_LEVELS = ("debug", "info", "warning", "error")
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.errors: list[ConfigError] = []
+
+    def add(self, key: str, message: str) -> None:
+        self.errors.append(ConfigError(key, message))
+
+
+def _parse_address(text: str) -> Address:
+    """``host:port`` or ``[v6]:port``; the host may be a name or an IP literal."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]\s]+):(\d{1,5})", text)
+    if not m:
+        raise ValueError(f"expected host:port or [ipv6]:port, got {text!r}")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if m.group(1):
+        ipaddress.IPv6Address(host)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} out of range")
+    return Address(host, port)
+
+
+def _convert(kind: str, value: Any, base_dir: Path | None, from_env: bool) -> Any:
+    """Turn a TOML value (or an environment string) into the schema type, or raise ValueError."""
+    if from_env and kind in (_BOOL, _INT, _FLOAT, _LIST):
+        value = _env_scalar(kind, value)
+    if kind == _STR:
+        if not isinstance(value, str):
+            raise ValueError(f"expected a string, got {type(value).__name__}")
+        return value
+    if kind == _BOOL:
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
+    if kind == _INT:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {value!r}")
+        return value
+    if kind == _FLOAT:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"expected a number, got {value!r}")
+        return float(value)
+    if kind == _LIST:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError("expected a list of strings")
+        return tuple(value)
+    if kind == _ADDR:
+        if not isinstance(value, str):
+            raise ValueError("expected a \"host:port\" string")
+        return _parse_address(value)
+    if kind == _PEM:
+        if not isinstance(value, str) or not value:
+            raise ValueError("expected a file path or env:NAME")
+        if value.startswith("env:"):
+            name = value[4:]
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"bad environment variable name {name!r}")
+            return PemSource(env=name)
+        path = Path(value)
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        return PemSource(path=path)
+    raise AssertionError(kind)
+
+
+def _env_scalar(kind: str, text: str) -> Any:
+    if kind == _BOOL:
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected true or false, got {text!r}")
+    if kind == _INT:
+        try:
+            return int(text.strip())
+        except ValueError:
+            raise ValueError(f"expected an integer, got {text!r}") from None
+    if kind == _FLOAT:
+        try:
+            return float(text.strip())
+        except ValueError:
+            raise ValueError(f"expected a number, got {text!r}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"expected a JSON array: {exc.msg}") from None
+
+
+def _read_section(
+    raw: Mapping[str, Any], schema: Mapping[str, str], prefix: str, base_dir: Path | None, c: _Collector
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
+        kind = schema.get(key)
+        if kind is None:
+            c.add(name, "unknown key")
+            continue
+        try:
+            out[key] = _convert(kind, value, base_dir, from_env=False)
+        except ValueError as exc:
+            c.add(name, str(exc))
+    return out
+
+
+def _apply_env(environ: Mapping[str, str], values: dict[str, dict[str, Any]], top: dict[str, Any],
+               rules_raw: list[Any] | None, c: _Collector) -> list[Any] | None:
+    for var in sorted(environ):
+        if not var.startswith(ENV_PREFIX):
+            continue
+        text = environ[var]
+        rest = var[len(ENV_PREFIX):].lower()
+        if rest == "allow":
+            try:
+                parsed = json.loads(text)
+            except json.JSONDecodeError as exc:
+                c.add(var, f"expected a JSON array of rule objects: {exc.msg}")
+                continue
+            rules_raw = parsed
+            continue
+        if rest in _TOP_KEYS:
+            try:
+                top[rest] = _convert(_TOP_KEYS[rest], text, None, from_env=True)
+            except ValueError as exc:
+                c.add(var, str(exc))
+            continue
+        section, _, key = rest.partition("_")
+        schema = _SECTIONS.get(section)
+        if schema is None or key not in schema:
+            c.add(var, "unknown setting (expected MTLS_PROXY_<SECTION>_<KEY> naming a known key)")
+            continue
+        try:
+            values[section][key] = _convert(schema[key], text, Path.cwd(), from_env=True)
+        except ValueError as exc:
+            c.add(var, str(exc))
+    return rules_raw
+
+
+def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read ``path`` (TOML; may be None for environment-only configuration), apply overrides, validate.
+
+    Raises ConfigErrors listing every problem, each naming its key or file.
+    """
+    environ = os.environ if environ is None else environ
+    c = _Collector()
+    doc: dict[str, Any] = {}
+    base_dir: Path | None = None
+    source = "<environment>"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        base_dir = p.resolve().parent
+        try:
+            with p.open("rb") as fh:
+                doc = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigErrors([ConfigError(str(p), "config file not found")]) from None
+        except OSError as exc:
+            raise ConfigErrors([ConfigError(str(p), f"cannot read: {exc.strerror}")]) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigErrors([ConfigError(str(p), f"invalid TOML: {exc}")]) from None
+
+    values: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+    top: dict[str, Any] = {}
+    rules_raw: list[Any] | None = None
+    for key, value in doc.items():
+        if key in _SECTIONS:
+            if not isinstance(value, dict):
+                c.add(key, "expected a table")
+                continue
+            values[key] = _read_section(value, _SECTIONS[key], f"{key}.", base_dir, c)
+        elif key == "allow":
+            rules_raw = value
+        elif key in _TOP_KEYS:
+            try:
+                top[key] = _convert(_TOP_KEYS[key], value, base_dir, from_env=False)
+            except ValueError as exc:
+                c.add(key, str(exc))
+        else:
+            c.add(key, "unknown key")
+    rules_raw = _apply_env(environ, values, top, rules_raw, c)
+
+    for section, keys in _REQUIRED.items():
+        for key in keys:
+            if key not in values[section]:
+                c.add(f"{section}.{key}", "required")
+    rules = _rules(rules_raw, base_dir, c)
+    cfg = None
+    if not c.errors:
+        cfg = _build(values, top, rules, source, environ, c)
+    if c.errors or cfg is None:
+        raise ConfigErrors(c.errors)
+    return cfg
+
+
+def _rules(raw: Any, base_dir: Path | None, c: _Collector) -> tuple[AllowRule, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        c.add("allow", "expected a list of rules ([[allow]] tables)")
+        return ()
+    rules = []
+    for i, item in enumerate(raw):
+        key = f"allow[{i}]"
+        if not isinstance(item, dict):
+            c.add(key, "expected a table")
+            continue
+        vals = _read_section(item, _RULE_KEYS, f"{key}.", base_dir, c)
+        if "name" not in vals:
+            c.add(f"{key}.name", "required")
+            continue
+        rules.append(AllowRule(**vals))
+    return tuple(rules)
+
+
+def _check_range(c: _Collector, key: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        c.add(key, f"must be between {low:g} and {high:g}, got {value:g}")
+
+
+def _build(values: dict[str, dict[str, Any]], top: dict[str, Any], rules: tuple[AllowRule, ...], source: str,
+           environ: Mapping[str, str], c: _Collector) -> Config | None:
+    s, u = values["server"], values["upstream"]
+    server = ServerConfig(**s)
+    versions = server.tls_versions
+    if not versions or any(v not in ("1.2", "1.3") for v in versions):
+        c.add("server.tls_versions", f"only \"1.2\" and \"1.3\" are supported, got {list(versions)}")
+    if not server.ciphers.strip():
+        c.add("server.ciphers", "must not be empty")
+    _check_range(c, "server.verify_depth", server.verify_depth, 0, 16)
+    _check_range(c, "server.max_body_bytes", server.max_body_bytes, 0, 2**40)
+    _check_range(c, "server.workers", server.workers, 1, 256)
+    _check_range(c, "server.max_connections", server.max_connections, 1, 10**7)
+    for key in ("proxy_protocol_timeout", "handshake_timeout", "header_timeout", "idle_timeout",
+                "shutdown_timeout"):
+        _check_range(c, f"server.{key}", getattr(server, key), 0.01, 86400)
+    _check_range(c, "server.reload_interval", server.reload_interval, 0, 86400)
+
+    upstream = _build_upstream(u, c)
+    admin = AdminConfig(**values["admin"])
+    log = LogConfig(**values["log"])
+    if log.level not in _LEVELS:
+        c.add("log.level", f"must be one of {', '.join(_LEVELS)}")
+    if admin.listen == server.listen:
+        c.add("admin.listen", "must differ from server.listen")
+
+    for src_key, src in (("server.cert", server.cert), ("server.key", server.key),
+                         ("server.client_ca", server.client_ca), ("server.crl", server.crl),
+                         ("upstream.ca_bundle", upstream.ca_bundle if upstream else None)):
+        if src is not None and src.env and src.env not in environ:
+            c.add(src_key, f"environment variable {src.env} is not set")
+
+    allow_all = top.get("allow_all_verified", False)
+    names = set()
+    for i, rule in enumerate(rules):
+        if rule.name in names:
+            c.add(f"allow[{i}].name", f"duplicate rule name {rule.name!r}")
+        names.add(rule.name)
+        if rule.source_vpce and not server.proxy_protocol:
+            c.add(f"allow[{i}].source_vpce", "needs server.proxy_protocol = true (the id arrives in PROXY v2)")
+        for j, v in enumerate(rule.source_vpce):
+            if not _VPCE.fullmatch(v):
+                c.add(f"allow[{i}].source_vpce[{j}]", f"not a VPC endpoint id: {v!r}")
+        for j, m in enumerate(rule.methods):
+            if not _TOKEN.fullmatch(m) or m != m.upper():
+                c.add(f"allow[{i}].methods[{j}]", f"not an uppercase HTTP method: {m!r}")
+    if not rules and not allow_all:
+        c.add("allow", "no [[allow]] rules: every request would be refused "
+                       "(add a rule, or set allow_all_verified = true to admit any verified client)")
+    if c.errors or upstream is None:
+        return None
+    watched = tuple(sorted({src.path for src in (server.cert, server.key, server.client_ca, server.crl,
+                                                upstream.ca_bundle)
+                            if src is not None and src.path is not None}))
+    if source not in ("<environment>", "<defaults>"):
+        watched = (Path(source).resolve(), *watched)
+    return Config(server=server, upstream=upstream, admin=admin, log=log, allow=rules,
+                  allow_all_verified=allow_all, source=source, watched_files=watched)
+
+
+def _build_upstream(u: dict[str, Any], c: _Collector) -> UpstreamConfig | None:
+    url = u.pop("url")
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        c.add("upstream.url", f"bad port in {url!r}")
+        return None
+    if parts.scheme != "https":
+        c.add("upstream.url", f"must be an https:// URL (upstream TLS is always used), got {url!r}")
+        return None
+    if not parts.hostname or parts.username or parts.password or parts.query or parts.fragment:
+        c.add("upstream.url", "must be https://host[:port][/base-path] without credentials, query or fragment")
+        return None
+    base_path = parts.path.rstrip("/")
+    if base_path and (not re.fullmatch(r"(/[A-Za-z0-9\-._~%!$&'()*+,;=:@]+)+", base_path)):
+        c.add("upstream.url", f"bad base path {parts.path!r}")
+    up = UpstreamConfig(url=url, scheme="https", host=parts.hostname, port=port or 443, base_path=base_path, **u)
+    if up.api_id is not None and not _API_ID.fullmatch(up.api_id):
+        c.add("upstream.api_id", f"not an API Gateway id (lowercase letters and digits): {up.api_id!r}")
+    _check_range(c, "upstream.connect_timeout", up.connect_timeout, 0.01, 3600)
+    _check_range(c, "upstream.read_timeout", up.read_timeout, 0.01, 86400)
+    _check_range(c, "upstream.pool_max_idle", up.pool_max_idle, 0, 100000)
+    _check_range(c, "upstream.pool_idle_timeout", up.pool_idle_timeout, 0.01, 86400)
+    return up
+
+
+def replace(cfg: Config, **changes: Any) -> Config:
+    """A modified copy (tests and the supervisor use it); the original is never changed."""
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,80 @@
+"""Header rewriting for both directions, as pure functions on bytes.
+
+Owns: the list of identity headers a client must never be able to set (removed from every request before the
+proxy adds its own), the per-connection block of identity and forwarding headers, and assembling request and
+response heads from the parser's raw lines.
+
+Per-connection work happens once: ``connection_block`` is built when the TLS handshake completes and reused for
+every request on that connection; per request only the request line and the kept lines are joined.
+
+Must not: parse (that is ``proxy.http1``), decide policy, or format values that were not made header-safe by
+``proxy.identity`` (identity values) or validated by the config / PROXY parser (API id, VPC endpoint id).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .config import UpstreamConfig
+
+if TYPE_CHECKING:
+    from .identity import Identity
+
+# Headers that carry identity or forwarding facts the upstream trusts.  Any client-sent copy is dropped, also
+# when spelled with "_" for "-" (http1.parse_request_head applies that folding).  x-apigw-api-id is here because
+# a client-chosen value could route the request to another private API behind the same execute-api endpoint.
+SPOOFABLE = frozenset({
+    b"x-client-cert-subject", b"x-client-cert-fingerprint", b"x-client-cert-serial",
+    b"x-forwarded-client-cert", b"x-forwarded-for", b"x-forwarded-proto", b"x-client-vpce-id",
+    b"x-apigw-api-id", b"forwarded", b"x-real-ip", b"x-forwarded-host", b"x-forwarded-port",
+})
+
+
+def upstream_block(upstream: UpstreamConfig) -> bytes:
+    """Host (always the API's name, even when ``connect_to`` dials elsewhere) and x-apigw-api-id."""
+    out = b"Host: " + upstream.host_header.encode("ascii") + b"\r\n"
+    if upstream.api_id:
+        out += b"x-apigw-api-id: " + upstream.api_id.encode("ascii") + b"\r\n"
+    return out
+
+
+def connection_block(upstream: bytes, identity: Identity, client_addr: str, vpce_id: str | None) -> bytes:
+    """Every header the proxy adds to each request of one connection, as one CRLF-terminated block."""
+    lines = [
+        upstream,
+        b"X-Client-Cert-Subject: ", identity.subject.encode("ascii"), b"\r\n",
+        b"X-Client-Cert-Fingerprint: ", identity.fingerprint.encode("ascii"), b"\r\n",
+        b"X-Client-Cert-Serial: ", identity.serial.encode("ascii"), b"\r\n",
+        b"X-Forwarded-Client-Cert: ", identity.xfcc.encode("ascii"), b"\r\n",
+        b"X-Forwarded-For: ", client_addr.encode("ascii"), b"\r\n",
+        b"X-Forwarded-Proto: https\r\n",
+    ]
+    if vpce_id:
+        lines += [b"X-Client-Vpce-Id: ", vpce_id.encode("ascii"), b"\r\n"]
+    return b"".join(lines)
+
+
+def request_head(method: str, target: bytes, lines: list[bytes], block: bytes, chunked: bool) -> bytes:
+    """The head sent upstream: HTTP/1.1 always, the client's end-to-end lines, then the proxy's block."""
+    parts = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
+    if lines:
+        parts += [b"\r\n".join(lines), b"\r\n"]
+    parts.append(block)
+    if chunked:
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+CHUNKED_LINE = b"Transfer-Encoding: chunked\r\n"
+CLOSE_LINE = b"Connection: close\r\n"
+KEEP_ALIVE_LINE = b"Connection: keep-alive\r\n"
+
+
+def response_head(status: int, reason: bytes, lines: list[bytes], extra: bytes) -> bytes:
+    """The head sent to the client: the upstream's end-to-end lines plus framing/connection lines."""
+    parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+    if lines:
+        parts += [b"\r\n".join(lines), b"\r\n"]
+    parts += [extra, b"\r\n"]
+    return b"".join(parts)

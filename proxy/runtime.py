@@ -1,0 +1,75 @@
+"""The reloadable part of a running proxy, as one immutable snapshot.
+
+Owns: building everything a *new* connection needs that may change without a restart — the client-facing TLS
+context (server cert/key, client CA, CRL, depth), the upstream TLS context, the compiled allow rules — and the
+per-certificate cache of parsed identities.  ``build_runtime`` is pure and blocking (it reads files); the server
+runs it off the event loop and swaps the reference in one assignment.  Connections keep the snapshot they
+started with.
+
+Must not: touch sockets or the event loop.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, field
+
+from .accesslog import connection_prefix
+from .config import Config
+from .connection import Peer
+from .errors import ConfigError, ConfigErrors
+from .headers import connection_block, upstream_block
+from .identity import Identity, parse_identity
+from .policy import ConnectionPolicy, Policy, PolicyError
+from .tls import CertFact, build_server_context, build_upstream_context
+
+IDENTITY_CACHE = 4096  # distinct (certificate, endpoint) pairs remembered per snapshot
+
+
+@dataclass(slots=True)
+class Runtime:
+    cfg: Config
+    server_context: ssl.SSLContext
+    upstream_context: ssl.SSLContext
+    policy: Policy
+    facts: list[CertFact]
+    upstream_block: bytes
+    _cache: dict[tuple[bytes, str | None], tuple[Identity, ConnectionPolicy]] = field(default_factory=dict)
+
+    def peer(self, der: bytes, client_addr: str, vpce_id: str | None) -> Peer:
+        """Per-connection facts for a verified certificate; parsing and rule pre-selection are cached."""
+        key = (der, vpce_id)
+        hit = self._cache.get(key)
+        if hit is None:
+            identity = parse_identity(der)
+            hit = (identity, self.policy.for_connection(identity, vpce_id))
+            if len(self._cache) >= IDENTITY_CACHE:
+                self._cache.clear()
+            self._cache[key] = hit
+        identity, policy = hit
+        block = connection_block(self.upstream_block, identity, client_addr, vpce_id)
+        prefix = connection_prefix(client_addr, vpce_id, identity.subject, identity.fingerprint)
+        return Peer(identity, policy, block, prefix, client_addr, vpce_id)
+
+
+def build_runtime(cfg: Config) -> Runtime:
+    """Load and check every file; raise ConfigErrors listing each problem (key or file named)."""
+    errors: list[ConfigError] = []
+    server_ctx = upstream_ctx = None
+    facts: list[CertFact] = []
+    policy = None
+    try:
+        server_ctx, facts = build_server_context(cfg.server)
+    except ConfigError as exc:
+        errors.append(exc)
+    try:
+        upstream_ctx = build_upstream_context(cfg.upstream)
+    except ConfigError as exc:
+        errors.append(exc)
+    try:
+        policy = Policy.compile(cfg.allow, cfg.allow_all_verified)
+    except PolicyError as exc:
+        errors.append(ConfigError("allow", str(exc)))
+    if errors or server_ctx is None or upstream_ctx is None or policy is None:
+        raise ConfigErrors(errors)
+    return Runtime(cfg, server_ctx, upstream_ctx, policy, facts, upstream_block(cfg.upstream))

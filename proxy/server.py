@@ -1,0 +1,237 @@
+"""Wiring and lifecycle of one proxy process: start, ready, reload, drain.
+
+Owns: the ``ProxyServer`` that holds what connections share (config, current runtime snapshot, upstream pool,
+metrics, access log, live connections), and ``run()``, the one function where the lifecycle reads top to
+bottom: start -> ready -> (reload on SIGHUP or file change)* -> SIGTERM/SIGINT -> drain -> exit.
+
+Reload (house rule 6): the config file and PEM files are re-read off the event loop into a new ``Runtime``;
+one assignment swaps it in; new handshakes use it, live connections keep theirs; on any error the old snapshot
+stays, one line is logged and ``reloads_total{result="error"}`` counts it.  Only the allow rules and PEM material
+are reloadable; other changed keys are logged as needing a restart.
+
+Drain: ``/readyz`` turns 503 first, then the listener closes, idle keep-alive connections close, in-flight
+exchanges finish with ``Connection: close`` until ``shutdown_timeout``, then the rest are reset.
+
+Must not: install signal handlers anywhere but ``run()``; handlers only set events (house rule 7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+
+from . import config as config_mod
+from .accesslog import AccessLog
+from .admin import AdminServer
+from .config import Config
+from .connection import ClientConnection
+from .errors import ConfigErrors
+from .forward import UpstreamPool
+from .listener import Listener, bind
+from .metrics import Metrics
+from .runtime import Runtime, build_runtime
+from .supervisor import WorkerControl
+
+log = logging.getLogger("mtls_proxy")
+
+# Keys a reload can apply; anything else that changed is reported as "restart to apply".
+_RELOADABLE_SERVER = {"cert", "key", "client_ca", "crl"}
+
+
+class ProxyServer:
+    def __init__(self, cfg: Config, *, metrics: Metrics | None = None, access_fd: int | None = 1) -> None:
+        self.cfg = cfg
+        self.metrics = metrics or Metrics()
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.runtime: Runtime = None  # type: ignore[assignment]
+        self.pool: UpstreamPool = None  # type: ignore[assignment]
+        self.access_log: AccessLog = None  # type: ignore[assignment]
+        self.connections: set[ClientConnection] = set()
+        self.active = 0  # accepted sockets not yet closed, including those still handshaking
+        self.draining = False
+        self.ready = False
+        self.base_path = cfg.upstream.base_path.encode("ascii")
+        self._access_fd = access_fd if cfg.log.access else None
+        self._listener: Listener | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._stamps: dict[Path, tuple[int, int, int] | None] = {}
+        self._idle = asyncio.Event()
+        self.address: tuple[str, int] | None = None
+
+    async def start(self, sock: socket.socket | None = None, runtime: Runtime | None = None) -> None:
+        """Load certificates, bind, and start accepting.  Raises ConfigErrors or OSError."""
+        self.loop = asyncio.get_running_loop()
+        self.runtime = runtime or build_runtime(self.cfg)
+        self._publish_facts(self.runtime)
+        self._stamps = _stamp_all(self.cfg.watched_files)
+        self.pool = UpstreamPool(self.loop, self.cfg.upstream, self.runtime.upstream_context)
+        self.access_log = AccessLog(self.loop, self._access_fd)
+        listen = self.cfg.server.listen
+        if sock is None:
+            sock = bind(listen.host, listen.port, reuse_port=self.cfg.server.workers > 1)
+        self.address = sock.getsockname()[:2]
+        self._listener = Listener(self, sock)
+        self._accept_task = self.loop.create_task(self._listener.serve())
+        self.ready = True
+        log.info("listening", extra={"fields": {"address": f"{self.address[0]}:{self.address[1]}",
+                                                "upstream": self.cfg.upstream.url}})
+
+    # -- connection bookkeeping (called by ClientConnection) ----------------------------------------------
+    def connection_opened(self, conn: ClientConnection) -> None:
+        self.connections.add(conn)
+
+    def connection_closed(self, conn: ClientConnection) -> None:
+        self.connections.discard(conn)
+        self.active -= 1
+        self.metrics.connections_active = self.active
+        if self.draining and self.active <= 0:
+            self._idle.set()
+
+    # -- reload ------------------------------------------------------------------------------------------
+    def files_changed(self) -> bool:
+        stamps = _stamp_all(self.cfg.watched_files)
+        return stamps != self._stamps
+
+    async def reload(self) -> bool:
+        """Re-read config and files off the loop; swap on success, keep the old snapshot on failure."""
+        stamps = _stamp_all(self.cfg.watched_files)
+        try:
+            rt = await self.loop.run_in_executor(None, self._build_reloaded)
+        except ConfigErrors as exc:
+            self._stamps = stamps  # do not retry the same broken files every interval
+            self.metrics.reloads["error"] += 1
+            log.error("reload failed, keeping the previous certificates and rules: %s",
+                      "; ".join(str(e) for e in exc.errors))
+            return False
+        self.runtime = rt
+        self.pool.ssl_context = rt.upstream_context
+        self._stamps = stamps
+        self._publish_facts(rt)
+        self.metrics.reloads["success"] += 1
+        log.info("reloaded", extra={"fields": {"rules": len(rt.cfg.allow)}})
+        return True
+
+    def _build_reloaded(self) -> Runtime:
+        cfg = self.cfg
+        if cfg.source not in ("<environment>", "<defaults>"):
+            fresh = config_mod.load(cfg.source)
+            changed = _unreloadable_changes(cfg, fresh)
+            if changed:
+                log.warning("config changes need a restart to apply: %s", ", ".join(changed))
+            cfg = config_mod.replace(cfg, allow=fresh.allow, allow_all_verified=fresh.allow_all_verified,
+                                     server=config_mod.dataclasses.replace(
+                                         cfg.server, cert=fresh.server.cert, key=fresh.server.key,
+                                         client_ca=fresh.server.client_ca, crl=fresh.server.crl))
+        return build_runtime(cfg)
+
+    def _publish_facts(self, rt: Runtime) -> None:
+        self.metrics.cert_expiry = {f.label: f.not_after for f in rt.facts}
+
+    # -- drain -------------------------------------------------------------------------------------------
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting, let in-flight exchanges finish within ``timeout``, then reset what is left."""
+        self.ready = False
+        self.draining = True
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+        if self._listener is not None:
+            self._listener.close()
+        for conn in list(self.connections):
+            conn.shutdown()
+        if self.active > 0:
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout)
+            except TimeoutError:
+                log.warning("drain timeout: resetting %d connections", len(self.connections))
+        for conn in list(self.connections):
+            conn.abort()
+        self.pool.close()
+        await asyncio.sleep(0)  # let connection_lost callbacks run
+        self.access_log.close()
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _stamp_all(paths: tuple[Path, ...]) -> dict[Path, tuple[int, int, int] | None]:
+    return {p: _stamp(p) for p in paths}
+
+
+def _unreloadable_changes(old: Config, new: Config) -> list[str]:
+    changed = []
+    for section in ("server", "upstream", "admin", "log"):
+        a, b = getattr(old, section), getattr(new, section)
+        for f in config_mod.dataclasses.fields(a):
+            if section == "server" and f.name in _RELOADABLE_SERVER:
+                continue
+            if getattr(a, f.name) != getattr(b, f.name):
+                changed.append(f"{section}.{f.name}")
+    return changed
+
+
+async def run(cfg: Config, *, control_fd: int | None = None) -> int:
+    """The whole life of one proxy process.  Returns the exit status.
+
+    With ``control_fd`` this is a worker of ``proxy.supervisor``: no admin port of its own, its state is
+    reported over the control socket instead.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reload_now = asyncio.Event()
+    server = ProxyServer(cfg)
+    admin: AdminServer | None = None
+    control: WorkerControl | None = None
+    if control_fd is None:
+        admin = AdminServer(cfg.admin.listen, proxy_protocol=cfg.server.proxy_protocol,
+                            ready=lambda: server.ready, snapshots=lambda: [server.metrics.snapshot()])
+        await admin.start()  # /healthz answers from here on; /readyz once the listener is up
+    else:
+        control = WorkerControl(control_fd, lambda: {"ready": server.ready, "metrics": server.metrics.snapshot()})
+        control.start(loop)
+    try:
+        await server.start()
+    except BaseException:
+        if admin is not None:
+            await admin.stop()
+        raise
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_now.set)
+    watcher = loop.create_task(_watch(server, reload_now, stop))
+    try:
+        await stop.wait()
+        log.info("draining", extra={"fields": {"connections": server.active,
+                                               "timeout": cfg.server.shutdown_timeout}})
+        watcher.cancel()
+        await server.drain(cfg.server.shutdown_timeout)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        if admin is not None:
+            await admin.stop()
+        if control is not None:
+            control.close(loop)
+    log.info("stopped", extra={"fields": {"pid": os.getpid()}})
+    return 0
+
+
+async def _watch(server: ProxyServer, reload_now: asyncio.Event, stop: asyncio.Event) -> None:
+    """Reload on SIGHUP at once, and when watched files change (polled every ``reload_interval``)."""
+    interval = server.cfg.server.reload_interval
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(reload_now.wait(), interval if interval > 0 else None)
+        except TimeoutError:
+            if not server.files_changed():
+                continue
+        reload_now.clear()
+        await server.reload()

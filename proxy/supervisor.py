@@ -1,0 +1,195 @@
+"""``server.workers = N``: N worker processes sharing the TLS port, one admin endpoint for all of them.
+
+Owns: starting the workers (each is ``python -m proxy serve`` with the same config, binding the port with
+SO_REUSEPORT so the kernel spreads connections), restarting a worker that dies (with a short backoff), passing
+SIGTERM/SIGINT (drain) and SIGHUP (reload) on to every worker, and the admin port: ``/readyz`` is 200 only while
+every worker reports ready and no drain has started; ``/metrics`` adds up the workers' snapshots.
+
+Each worker gets one end of a socketpair (fd number in ``MTLS_WORKER_CONTROL_FD``); the supervisor writes one
+byte to ask, the worker answers with a length-prefixed JSON snapshot ({"ready": bool, "metrics": {...}}).
+
+Must not: accept client connections itself or share memory with workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+from typing import Any
+
+from .admin import AdminServer
+from .config import Config
+
+log = logging.getLogger("mtls_proxy")
+CONTROL_ENV = "MTLS_WORKER_CONTROL_FD"
+_LEN = struct.Struct("!I")
+
+
+class Worker:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: asyncio.subprocess.Process | None = None
+        self.control: socket.socket | None = None
+        self.last: dict[str, Any] = {"ready": False, "metrics": None}
+        self.restarts = 0
+
+    async def start(self, argv: list[str]) -> None:
+        parent, child = socket.socketpair()
+        env = {**os.environ, CONTROL_ENV: str(child.fileno())}
+        self.proc = await asyncio.create_subprocess_exec(*argv, env=env, pass_fds=(child.fileno(),))
+        child.close()
+        parent.setblocking(False)
+        self.control = parent
+        self.last = {"ready": False, "metrics": None}
+
+    async def poll(self, timeout: float = 1.0) -> dict[str, Any]:
+        """Ask the worker for its state; the last good answer is kept if it does not reply in time."""
+        sock = self.control
+        if sock is None or self.proc is None or self.proc.returncode is not None:
+            return {"ready": False, "metrics": self.last.get("metrics")}
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                await loop.sock_sendall(sock, b"?")
+                head = await _recv_exact(loop, sock, _LEN.size)
+                self.last = json.loads(await _recv_exact(loop, sock, _LEN.unpack(head)[0]))
+        except (OSError, TimeoutError, ValueError):
+            return {"ready": False, "metrics": self.last.get("metrics")}
+        return self.last
+
+    def close(self) -> None:
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+
+
+async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = await loop.sock_recv(sock, n - len(buf))
+        if not chunk:
+            raise OSError("worker control channel closed")
+        buf += chunk
+    return buf
+
+
+class WorkerControl:
+    """The worker side of the control channel: answers every request byte with a snapshot."""
+
+    def __init__(self, fd: int, snapshot: Any) -> None:
+        self.sock = socket.socket(fileno=fd)
+        self.sock.setblocking(False)
+        self.snapshot = snapshot
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.add_reader(self.sock.fileno(), self._on_request, loop)
+
+    def _on_request(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            data = self.sock.recv(64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(self.sock.fileno())
+            return
+        payload = json.dumps(self.snapshot()).encode()
+        self.sock.setblocking(True)  # small message on a local socketpair: completes at once
+        try:
+            for _ in data:
+                self.sock.sendall(_LEN.pack(len(payload)) + payload)
+        finally:
+            self.sock.setblocking(False)
+
+    def close(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            loop.remove_reader(self.sock.fileno())
+        except (OSError, ValueError):
+            pass
+        self.sock.close()
+
+
+async def _supervise(cfg: Config, argv: list[str]) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    stopping = False
+    workers = [Worker(i) for i in range(cfg.server.workers)]
+
+    cache: dict[str, Any] = {"ready": False, "snaps": []}
+
+    async def refresh() -> None:
+        while True:
+            states = await asyncio.gather(*(w.poll() for w in workers))
+            cache["ready"] = all(s.get("ready") for s in states)
+            cache["snaps"] = [s["metrics"] for s in states if s.get("metrics")]
+            await asyncio.sleep(0.5)
+
+    admin = AdminServer(cfg.admin.listen, proxy_protocol=cfg.server.proxy_protocol,
+                        ready=lambda: cache["ready"] and not stopping, snapshots=lambda: cache["snaps"])
+    await admin.start()
+    for w in workers:
+        await w.start(argv)
+    refresher = loop.create_task(refresh())
+
+    def forward(sig: signal.Signals) -> None:
+        for w in workers:
+            if w.proc is not None and w.proc.returncode is None:
+                w.proc.send_signal(sig)
+
+    def on_stop() -> None:
+        nonlocal stopping
+        stopping = True
+        forward(signal.SIGTERM)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop)
+    loop.add_signal_handler(signal.SIGHUP, forward, signal.SIGHUP)
+
+    async def keep_alive(w: Worker) -> None:
+        while True:
+            assert w.proc is not None
+            code = await w.proc.wait()
+            w.close()
+            if stopping:
+                return
+            w.restarts += 1
+            log.error("worker exited; restarting", extra={"fields": {"worker": w.index, "status": code,
+                                                                    "restarts": w.restarts}})
+            await asyncio.sleep(min(5.0, 0.1 * 2 ** min(w.restarts, 6)))
+            if stopping:
+                return
+            await w.start(argv)
+
+    keepers = [loop.create_task(keep_alive(w)) for w in workers]
+    await stop.wait()
+    try:
+        await asyncio.wait_for(asyncio.gather(*keepers), cfg.server.shutdown_timeout + 5)
+    except TimeoutError:
+        log.error("workers did not stop in time; killing them")
+        forward(signal.SIGKILL)
+        await asyncio.gather(*keepers, return_exceptions=True)
+    refresher.cancel()
+    for w in workers:
+        w.close()
+    await admin.stop()
+    return 0
+
+
+def supervise(cfg: Config) -> int:
+    argv = [sys.executable, "-m", "proxy", "serve"]
+    if cfg.source not in ("<environment>", "<defaults>"):
+        argv += ["--config", cfg.source]
+    try:
+        import uvloop
+
+        return uvloop.run(_supervise(cfg, argv))
+    except ImportError:  # pragma: no cover
+        return asyncio.run(_supervise(cfg, argv))

@@ -1,0 +1,253 @@
+"""TLS: the server and upstream SSL contexts, built from a frozen config, and handshake-failure reasons.
+
+Owns: reading PEM sources (files or ``env:NAME``), building contexts with secure defaults (TLS >= 1.2, no
+compression, no renegotiation, AEAD ciphers unless configured), client-certificate verification settings
+(required, CRL leaf check, chain depth), certificate expiry facts for metrics and ``check``, and classifying a
+failed handshake by OpenSSL's own verify result.
+
+Must not: accept connections or keep state; a reload builds new contexts with ``build_server_context`` and the
+caller swaps them.
+
+Chain depth: Python's ``ssl`` module has no ``set_verify_depth``.  OpenSSL's default (100) would accept
+arbitrarily long client chains, so we call ``SSL_CTX_set_verify_depth`` on the context's ``SSL_CTX*`` through
+ctypes, from the same libssl the ``_ssl`` module is linked against, and read it back to prove it took effect.
+If that is impossible on a platform the proxy refuses to start rather than run without the limit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime as dt
+import os
+import ssl
+import tempfile
+from dataclasses import dataclass
+
+from cryptography import x509
+
+from .config import Config, PemSource, ServerConfig, UpstreamConfig
+from .errors import ConfigError
+
+_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+@dataclass(frozen=True, slots=True)
+class CertFact:
+    """One certificate or CRL whose expiry operators should watch."""
+
+    label: str  # "server", "client_ca:<CN>", "crl:<issuer CN>"
+    not_after: float  # POSIX seconds; for a CRL: its next update
+
+
+def read_pem(source: PemSource, key: str) -> bytes:
+    """The PEM bytes of a source, or ConfigError naming the key and the file or variable."""
+    if source.env is not None:
+        value = os.environ.get(source.env)
+        if not value:
+            raise ConfigError(key, f"environment variable {source.env} is not set or empty")
+        return value.encode()
+    assert source.path is not None
+    try:
+        data = source.path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(key, f"{source.path}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(key, f"{source.path}: cannot read: {exc.strerror}") from None
+    if b"-----BEGIN " not in data:
+        raise ConfigError(key, f"{source}: no PEM data")
+    return data
+
+
+def _load_certs(pem: bytes, key: str, source: PemSource) -> list[x509.Certificate]:
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError as exc:
+        raise ConfigError(key, f"{source}: not a PEM certificate bundle ({exc})") from None
+    return certs
+
+
+def _cn(name: x509.Name) -> str:
+    attrs = name.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    return str(attrs[0].value) if attrs else name.rfc4514_string()
+
+
+class _PemFile:
+    """PEM text as a private temporary file, for OpenSSL APIs that only take paths (load_cert_chain, CRLs)."""
+
+    def __init__(self, data: bytes) -> None:
+        fd, self.path = tempfile.mkstemp(prefix="mtls-proxy-", suffix=".pem")
+        with os.fdopen(fd, "wb") as fh:  # mkstemp creates it 0600
+            fh.write(data)
+
+    def __enter__(self) -> str:
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        os.unlink(self.path)
+
+
+def _libssl() -> ctypes.CDLL:
+    """The libssl the running ``_ssl`` module uses (found in this process's memory map)."""
+    import _ssl  # noqa: F401  (makes sure libssl is mapped)
+
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            path = line.rsplit(None, 1)[-1]
+            if "/libssl.so" in path:
+                return ctypes.CDLL(path)
+    raise OSError("libssl is not mapped (statically linked ssl module?)")
+
+
+def set_verify_depth(ctx: ssl.SSLContext, depth: int) -> None:
+    """Limit the client chain to ``depth`` intermediates (OpenSSL semantics), or raise OSError."""
+    lib = _libssl()
+    lib.SSL_CTX_set_verify_depth.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.SSL_CTX_set_verify_depth.restype = None
+    lib.SSL_CTX_get_verify_depth.argtypes = [ctypes.c_void_p]
+    lib.SSL_CTX_get_verify_depth.restype = ctypes.c_int
+    lib.SSL_CTX_get_verify_mode.argtypes = [ctypes.c_void_p]
+    lib.SSL_CTX_get_verify_mode.restype = ctypes.c_int
+    # CPython's PySSLContext starts with PyObject_HEAD followed by the SSL_CTX* pointer.
+    ptr = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    # SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT == 3 for CERT_REQUIRED on a server context: proves the
+    # pointer really is this context's SSL_CTX before we write through it.
+    if not ptr or lib.SSL_CTX_get_verify_mode(ptr) != 3:
+        raise OSError("cannot locate the SSL_CTX of an ssl.SSLContext on this Python build")
+    lib.SSL_CTX_set_verify_depth(ptr, depth)
+    if lib.SSL_CTX_get_verify_depth(ptr) != depth:
+        raise OSError("SSL_CTX_set_verify_depth did not take effect")
+
+
+def build_server_context(server: ServerConfig) -> tuple[ssl.SSLContext, list[CertFact]]:
+    """The client-facing context and the expiry facts of what it loaded; ConfigError on any bad input."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    versions = sorted(_VERSIONS[v] for v in server.tls_versions)
+    ctx.minimum_version = versions[0]
+    ctx.maximum_version = versions[-1]
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    try:
+        ctx.set_ciphers(server.ciphers)
+    except ssl.SSLError:
+        raise ConfigError("server.ciphers", f"OpenSSL accepts no cipher from {server.ciphers!r}") from None
+    facts: list[CertFact] = []
+
+    cert_pem = read_pem(server.cert, "server.cert")
+    key_pem = read_pem(server.key, "server.key")
+    chain = _load_certs(cert_pem, "server.cert", server.cert)
+    if not chain:
+        raise ConfigError("server.cert", f"{server.cert}: no certificate found")
+    facts.append(CertFact("server", chain[0].not_valid_after_utc.timestamp()))
+    with _PemFile(cert_pem) as cert_file, _PemFile(key_pem) as key_file:
+        try:
+            ctx.load_cert_chain(cert_file, key_file)
+        except ssl.SSLError as exc:
+            if "KEY_VALUES_MISMATCH" in str(exc):
+                raise ConfigError("server.key", f"{server.key}: does not match the certificate in "
+                                                f"{server.cert}") from None
+            raise ConfigError("server.key", f"{server.key}: cannot load key ({exc.reason or exc})") from None
+
+    ca_pem = read_pem(server.client_ca, "server.client_ca")
+    cas = _load_certs(ca_pem, "server.client_ca", server.client_ca)
+    if not cas:
+        raise ConfigError("server.client_ca", f"{server.client_ca}: no certificate found")
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    try:
+        ctx.load_verify_locations(cadata=ca_pem.decode("ascii", "replace"))
+    except ssl.SSLError as exc:
+        raise ConfigError("server.client_ca", f"{server.client_ca}: {exc.reason or exc}") from None
+    facts.extend(CertFact(f"client_ca:{_cn(c.subject)}", c.not_valid_after_utc.timestamp()) for c in cas)
+
+    if server.crl is not None:
+        crl_pem = read_pem(server.crl, "server.crl")
+        crls = _load_crls(crl_pem, server.crl)
+        for crl in crls:
+            nu = crl.next_update_utc
+            facts.append(CertFact(f"crl:{_cn(crl.issuer)}", nu.timestamp() if nu else float("inf")))
+        with _PemFile(crl_pem) as crl_file:
+            try:
+                ctx.load_verify_locations(cafile=crl_file)
+            except ssl.SSLError as exc:
+                raise ConfigError("server.crl", f"{server.crl}: {exc.reason or exc}") from None
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    try:
+        set_verify_depth(ctx, server.verify_depth)
+    except OSError as exc:
+        raise ConfigError("server.verify_depth", f"cannot enforce the chain depth limit: {exc}") from None
+    return ctx, facts
+
+
+def _load_crls(pem: bytes, source: PemSource) -> list[x509.CertificateRevocationList]:
+    crls = []
+    marker = b"-----BEGIN X509 CRL-----"
+    for part in pem.split(marker)[1:]:
+        try:
+            crls.append(x509.load_pem_x509_crl(marker + part.split(b"-----END X509 CRL-----")[0]
+                                                + b"-----END X509 CRL-----\n"))
+        except ValueError as exc:
+            raise ConfigError("server.crl", f"{source}: bad CRL ({exc})") from None
+    if not crls:
+        raise ConfigError("server.crl", f"{source}: no CRL found")
+    return crls
+
+
+def build_upstream_context(upstream: UpstreamConfig) -> ssl.SSLContext:
+    """The context for connections to the API: verifies the upstream certificate for ``upstream.host``."""
+    if upstream.ca_bundle is not None:
+        pem = read_pem(upstream.ca_bundle, "upstream.ca_bundle")
+        if not _load_certs(pem, "upstream.ca_bundle", upstream.ca_bundle):
+            raise ConfigError("upstream.ca_bundle", f"{upstream.ca_bundle}: no certificate found")
+        ctx = ssl.create_default_context(cadata=pem.decode("ascii", "replace"))
+    else:
+        ctx = ssl.create_default_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_COMPRESSION
+    if not upstream.verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def cert_facts(cfg: Config) -> list[CertFact]:
+    """Expiry facts for ``check`` (builds the context, so every load error surfaces too)."""
+    return build_server_context(cfg.server)[1]
+
+
+# OpenSSL X509_V_ERR_* codes (x509_vfy.h) grouped into the metric's fixed reason set.
+_VERIFY_REASONS = {
+    9: "expired",  # CERT_NOT_YET_VALID: outside the validity window, like an expired one
+    10: "expired",  # CERT_HAS_EXPIRED
+    23: "revoked",  # CERT_REVOKED
+    26: "bad_purpose",  # INVALID_PURPOSE (no clientAuth EKU)
+    2: "untrusted", 7: "untrusted", 18: "untrusted", 19: "untrusted", 20: "untrusted", 21: "untrusted",
+    22: "untrusted",  # CERT_CHAIN_TOO_LONG: deeper than verify_depth
+    24: "untrusted", 25: "untrusted", 27: "untrusted", 28: "untrusted",
+}
+
+
+def handshake_failure_reason(exc: BaseException) -> str:
+    """One of no_cert, untrusted, expired, revoked, bad_purpose, protocol, timeout, other."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return _VERIFY_REASONS.get(exc.verify_code, "other")
+    if isinstance(exc, ssl.SSLError):
+        if exc.reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+            return "no_cert"
+        if exc.reason in ("UNEXPECTED_EOF_WHILE_READING",) or isinstance(exc, ssl.SSLEOFError):
+            return "other"
+        return "protocol"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return "other"
+
+
+def handshake_failure_detail(exc: BaseException) -> str:
+    """A short log text: OpenSSL's verify message when there is one."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"{exc.verify_message} (X509_V_ERR {exc.verify_code})"
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or exc.__class__.__name__
+    return exc.__class__.__name__ + (f": {exc}" if str(exc) else "")
+
+
+def expiring(facts: list[CertFact], within_days: float, now: float | None = None) -> list[CertFact]:
+    now = dt.datetime.now(dt.timezone.utc).timestamp() if now is None else now
+    return [f for f in facts if f.not_after - now < within_days * 86400]
