@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -83,8 +84,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         return _run(lambda: run(cfg, control_fd=int(control) if control else None))
     except OSError as exc:
-        print(f"error: server.listen: cannot listen on {cfg.server.listen}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"error: {_bind_error(cfg, exc)}", file=sys.stderr)
         return 1
+
+
+def _bind_error(cfg: config_mod.Config, exc: OSError) -> str:
+    """Name the listener that could not bind.  The admin port binds first (``/healthz`` answers from the start)
+    through ``loop.create_server``, whose message carries the address ("... on address ('127.0.0.1', 9100): ...");
+    the proxy's own ``bind()`` gives the bare strerror."""
+    text = str(exc.strerror or exc)
+    admin = cfg.admin.listen
+    if re.search(rf", {admin.port}[,)]", text):
+        return f"admin.listen: cannot listen on {admin}: {text}"
+    return f"server.listen: cannot listen on {cfg.server.listen}: {text}"
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -118,9 +130,19 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .devpki import DevPkiError
 
     setup_logging("info")
-    return _run(lambda: run_demo(Path(args.dir), args.listen, args.admin, args.upstream_port))
+    try:
+        return _run(lambda: run_demo(Path(args.dir), args.listen, args.admin, args.upstream_port))
+    except ConfigErrors as exc:
+        for err in exc.errors:
+            print(f"error: {err}", file=sys.stderr)
+    except DevPkiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    except OSError as exc:
+        print(f"error: demo: {exc.strerror or exc}", file=sys.stderr)
+    return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

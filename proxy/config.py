@@ -103,7 +103,8 @@ class UpstreamConfig:
     @property
     def host_header(self) -> str:
         default = 443 if self.scheme == "https" else 80
-        return self.host if self.port == default else f"{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6 literal: RFC 3986 section 3.2.2
+        return host if self.port == default else f"{host}:{self.port}"
 
     @property
     def dial(self) -> Address:
@@ -171,6 +172,8 @@ _SECTIONS = {"server": _SERVER_KEYS, "upstream": _UPSTREAM_KEYS, "admin": _ADMIN
 _TOP_KEYS = {"allow_all_verified": _BOOL}
 _REQUIRED = {"server": ("cert", "key", "client_ca"), "upstream": ("url",)}
 
+_PLACEHOLDERS: dict[str, Any] = {"cert": PemSource(Path("-")), "key": PemSource(Path("-")),
+                                 "client_ca": PemSource(Path("-")), "url": "https://invalid"}
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _API_ID = re.compile(r"[a-z0-9]{1,64}")
 _VPCE = re.compile(r"vpce-[0-9a-f]{1,32}")
@@ -183,6 +186,14 @@ class _Collector:
 
     def add(self, key: str, message: str) -> None:
         self.errors.append(ConfigError(key, message))
+
+    def named(self, *keys: str) -> bool:
+        return any(e.key in keys for e in self.errors)
+
+
+def _printable(key: str) -> str:
+    # TOML allows any quoted key ("a\nb"); echoed raw it would break "one line per problem".
+    return key if key.isprintable() else repr(key)
 
 
 def _parse_address(text: str) -> Address:
@@ -271,7 +282,7 @@ def _read_section(
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in raw.items():
-        name = f"{prefix}{key}"
+        name = prefix + _printable(key)
         kind = schema.get(key)
         if kind is None:
             c.add(name, "unknown key")
@@ -284,7 +295,9 @@ def _read_section(
 
 
 def _apply_env(environ: Mapping[str, str], values: dict[str, dict[str, Any]], top: dict[str, Any],
-               rules_raw: list[Any] | None, c: _Collector) -> list[Any] | None:
+               rules_raw: list[Any] | None, c: _Collector) -> tuple[list[Any] | None, bool]:
+    """Apply overrides in place; returns the raw rule list and whether it came from ``MTLS_PROXY_ALLOW``."""
+    from_env = False
     for var in sorted(environ):
         if not var.startswith(ENV_PREFIX):
             continue
@@ -296,7 +309,7 @@ def _apply_env(environ: Mapping[str, str], values: dict[str, dict[str, Any]], to
             except json.JSONDecodeError as exc:
                 c.add(var, f"expected a JSON array of rule objects: {exc.msg}")
                 continue
-            rules_raw = parsed
+            rules_raw, from_env = parsed, True
             continue
         if rest in _TOP_KEYS:
             try:
@@ -313,7 +326,7 @@ def _apply_env(environ: Mapping[str, str], values: dict[str, dict[str, Any]], to
             values[section][key] = _convert(schema[key], text, Path.cwd(), from_env=True)
         except ValueError as exc:
             c.add(var, str(exc))
-    return rules_raw
+    return rules_raw, from_env
 
 
 def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None) -> Config:
@@ -357,31 +370,34 @@ def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None 
             except ValueError as exc:
                 c.add(key, str(exc))
         else:
-            c.add(key, "unknown key")
-    rules_raw = _apply_env(environ, values, top, rules_raw, c)
+            c.add(_printable(key), "unknown key")
+    rules_raw, rules_from_env = _apply_env(environ, values, top, rules_raw, c)
+    rules_key = f"{ENV_PREFIX}ALLOW" if rules_from_env else "allow"
 
     for section, keys in _REQUIRED.items():
         for key in keys:
             if key not in values[section]:
-                c.add(f"{section}.{key}", "required")
-    rules = _rules(rules_raw, base_dir, c)
-    cfg = None
-    if not c.errors:
-        cfg = _build(values, top, rules, source, environ, c)
+                # A key that is present but wrong already has its line; "required" would be a second one.
+                if not c.named(section, f"{section}.{key}", f"{ENV_PREFIX}{section.upper()}_{key.upper()}"):
+                    c.add(f"{section}.{key}", "required")
+                # A stand-in (never used: there is an error) lets the other values be checked in the same run.
+                values[section][key] = _PLACEHOLDERS[key]
+    rules = _rules(rules_raw, base_dir, c, rules_key)
+    cfg = _build(values, top, rules, rules_key, source, environ, c)
     if c.errors or cfg is None:
         raise ConfigErrors(c.errors)
     return cfg
 
 
-def _rules(raw: Any, base_dir: Path | None, c: _Collector) -> tuple[AllowRule, ...]:
+def _rules(raw: Any, base_dir: Path | None, c: _Collector, where: str) -> tuple[AllowRule, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        c.add("allow", "expected a list of rules ([[allow]] tables)")
+        c.add(where, "expected a list of rules ([[allow]] tables)")
         return ()
     rules = []
     for i, item in enumerate(raw):
-        key = f"allow[{i}]"
+        key = f"{where}[{i}]"
         if not isinstance(item, dict):
             c.add(key, "expected a table")
             continue
@@ -398,8 +414,8 @@ def _check_range(c: _Collector, key: str, value: float, low: float, high: float)
         c.add(key, f"must be between {low:g} and {high:g}, got {value:g}")
 
 
-def _build(values: dict[str, dict[str, Any]], top: dict[str, Any], rules: tuple[AllowRule, ...], source: str,
-           environ: Mapping[str, str], c: _Collector) -> Config | None:
+def _build(values: dict[str, dict[str, Any]], top: dict[str, Any], rules: tuple[AllowRule, ...], rules_key: str,
+           source: str, environ: Mapping[str, str], c: _Collector) -> Config | None:
     s, u = values["server"], values["upstream"]
     server = ServerConfig(**s)
     versions = server.tls_versions
@@ -426,7 +442,7 @@ def _build(values: dict[str, dict[str, Any]], top: dict[str, Any], rules: tuple[
 
     for src_key, src in (("server.cert", server.cert), ("server.key", server.key),
                          ("server.client_ca", server.client_ca), ("server.crl", server.crl),
-                         ("upstream.ca_bundle", upstream.ca_bundle if upstream else None)):
+                         ("upstream.ca_bundle", u.get("ca_bundle"))):
         if src is not None and src.env and src.env not in environ:
             c.add(src_key, f"environment variable {src.env} is not set")
 
@@ -434,17 +450,19 @@ def _build(values: dict[str, dict[str, Any]], top: dict[str, Any], rules: tuple[
     names = set()
     for i, rule in enumerate(rules):
         if rule.name in names:
-            c.add(f"allow[{i}].name", f"duplicate rule name {rule.name!r}")
+            c.add(f"{rules_key}[{i}].name", f"duplicate rule name {rule.name!r}")
         names.add(rule.name)
         if rule.source_vpce and not server.proxy_protocol:
-            c.add(f"allow[{i}].source_vpce", "needs server.proxy_protocol = true (the id arrives in PROXY v2)")
+            c.add(f"{rules_key}[{i}].source_vpce", "needs server.proxy_protocol = true (the id arrives in PROXY v2)")
         for j, v in enumerate(rule.source_vpce):
             if not _VPCE.fullmatch(v):
-                c.add(f"allow[{i}].source_vpce[{j}]", f"not a VPC endpoint id: {v!r}")
+                c.add(f"{rules_key}[{i}].source_vpce[{j}]", f"not a VPC endpoint id: {v!r}")
         for j, m in enumerate(rule.methods):
             if not _TOKEN.fullmatch(m) or m != m.upper():
-                c.add(f"allow[{i}].methods[{j}]", f"not an uppercase HTTP method: {m!r}")
-    if not rules and not allow_all:
+                c.add(f"{rules_key}[{i}].methods[{j}]", f"not an uppercase HTTP method: {m!r}")
+    # Rules that were given but are broken already have their lines; "no rules" would be a second one.
+    broken = any(e.key.split("[")[0] in (rules_key, f"{ENV_PREFIX}ALLOW") for e in c.errors)
+    if not rules and not allow_all and not broken:
         c.add("allow", "no [[allow]] rules: every request would be refused "
                        "(add a rule, or set allow_all_verified = true to admit any verified client)")
     if c.errors or upstream is None:
@@ -458,31 +476,51 @@ def _build(values: dict[str, dict[str, Any]], top: dict[str, Any], rules: tuple[
                   allow_all_verified=allow_all, source=source, watched_files=watched)
 
 
-def _build_upstream(u: dict[str, Any], c: _Collector) -> UpstreamConfig | None:
-    url = u.pop("url")
-    parts = urlsplit(url)
+# RFC 1123 section 2.1 host names: the upstream host is sent as Host and SNI, so it must be plain ASCII.
+_HOSTNAME = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def _parse_url(url: str, c: _Collector) -> tuple[str, int, str] | None:
+    """(host, port, base path) of ``upstream.url``, or None after adding the problem."""
+    shown = re.sub(r"(?<=//)[^/?#]*@", "***@", url)  # never echo a password into logs
     try:
+        parts = urlsplit(url)
         port = parts.port
-    except ValueError:
-        c.add("upstream.url", f"bad port in {url!r}")
+    except ValueError as exc:  # bad port, or an unbalanced "[" (urlsplit raises for both)
+        c.add("upstream.url", f"{exc} in {shown!r}")
         return None
     if parts.scheme != "https":
-        c.add("upstream.url", f"must be an https:// URL (upstream TLS is always used), got {url!r}")
+        c.add("upstream.url", f"must be an https:// URL (upstream TLS is always used), got {shown!r}")
         return None
-    if not parts.hostname or parts.username or parts.password or parts.query or parts.fragment:
+    if not parts.hostname or "@" in parts.netloc or "?" in url or "#" in url:
         c.add("upstream.url", "must be https://host[:port][/base-path] without credentials, query or fragment")
         return None
+    host = parts.hostname
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOSTNAME.fullmatch(host):
+            c.add("upstream.url", f"host {host!r} is not an ASCII DNS name or IP address")
+            return None
     base_path = parts.path.rstrip("/")
     if base_path and (not re.fullmatch(r"(/[A-Za-z0-9\-._~%!$&'()*+,;=:@]+)+", base_path)):
         c.add("upstream.url", f"bad base path {parts.path!r}")
-    up = UpstreamConfig(url=url, scheme="https", host=parts.hostname, port=port or 443, base_path=base_path, **u)
+        return None
+    return host, port or 443, base_path
+
+
+def _build_upstream(u: dict[str, Any], c: _Collector) -> UpstreamConfig | None:
+    url = u.pop("url")
+    target = _parse_url(url, c)
+    host, port, base_path = target or ("invalid", 443, "")  # placeholder: still check the other upstream keys
+    up = UpstreamConfig(url=url, scheme="https", host=host, port=port, base_path=base_path, **u)
     if up.api_id is not None and not _API_ID.fullmatch(up.api_id):
         c.add("upstream.api_id", f"not an API Gateway id (lowercase letters and digits): {up.api_id!r}")
     _check_range(c, "upstream.connect_timeout", up.connect_timeout, 0.01, 3600)
     _check_range(c, "upstream.read_timeout", up.read_timeout, 0.01, 86400)
     _check_range(c, "upstream.pool_max_idle", up.pool_max_idle, 0, 100000)
     _check_range(c, "upstream.pool_idle_timeout", up.pool_idle_timeout, 0.01, 86400)
-    return up
+    return up if target else None
 
 
 def replace(cfg: Config, **changes: Any) -> Config:

@@ -140,7 +140,7 @@ def parse_identity(der: bytes) -> Identity:
         # touches interpreter-wide filter state: acceptable because identities are parsed on the event loop
         # thread, without awaiting, and nothing else here runs in between.
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            warnings.simplefilter("ignore", UserWarning)  # CryptographyDeprecationWarning is one too
             cert = x509.load_der_x509_certificate(der)
             serial_number = cert.serial_number
             name = cert.subject

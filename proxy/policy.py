@@ -38,16 +38,8 @@ from typing import Protocol
 
 from proxy.identity import Identity
 
-__all__ = [
-    "ALLOW_ALL_RULE",
-    "REASONS",
-    "AllowRuleLike",
-    "ConnectionPolicy",
-    "Decision",
-    "Policy",
-    "PolicyError",
-    "normalize_path",
-]
+__all__ = ["ALLOW_ALL_RULE", "REASONS", "AllowRuleLike", "ConnectionPolicy", "Decision", "Policy", "PolicyError",
+           "normalize_path"]
 
 ALLOW_ALL_RULE = "allow_all_verified"
 REASONS = ("allowed", "no_rule_for_client", "method_not_allowed", "path_not_allowed")
@@ -167,7 +159,7 @@ def _segment_matches(pattern: _SegmentPattern, segment: str) -> bool:
     if type(pattern) is str:
         return pattern == segment
     # Classic wildcard matching for one wildcard kind: anchored first and last pieces, middle pieces found
-    # leftmost-first (earliest placement leaves the most room, so it is complete); linear, no backtracking.
+    # leftmost-first (earliest placement leaves the most room, so it is complete); no backtracking.
     first, last = pattern[0], pattern[-1]
     if len(segment) < len(first) + len(last) or not segment.startswith(first) or not segment.endswith(last):
         return False
@@ -336,16 +328,15 @@ def _check_fingerprint(value: str) -> tuple[str | None, str]:
     return None, normalised
 
 
-def _check_vpce(value: str) -> tuple[str | None, str]:
-    if not _VPCE.fullmatch(value):
-        return f"must look like 'vpce-0123456789abcdef0', got {value!r}", value
-    return None, value
+def _must_match(regex: re.Pattern[str], hint: str) -> Callable[[str], tuple[str | None, str]]:
+    def check(value: str) -> tuple[str | None, str]:
+        return (None if regex.fullmatch(value) else f"{hint}, got {value!r}"), value
+
+    return check
 
 
-def _check_method(value: str) -> tuple[str | None, str]:
-    if not _METHOD.fullmatch(value):
-        return f"must be an uppercase HTTP method such as 'GET', got {value!r}", value
-    return None, value
+_check_vpce = _must_match(_VPCE, "must look like 'vpce-0123456789abcdef0'")
+_check_method = _must_match(_METHOD, "must be an uppercase HTTP method such as 'GET'")
 
 
 # --- compiled rules ---------------------------------------------------------------------------------------
@@ -505,9 +496,9 @@ class Policy:
         seen: dict[str, int] = {}
         for index, rule in enumerate(rules):
             compiler = _RuleCompiler(index, rule)
+            compiled.append(compiler.compile())  # validates the name first
             if rule.name in seen:
                 raise compiler.fail(f"name: duplicate rule name (also allow[{seen[rule.name]}])")
-            compiled.append(compiler.compile())
             seen[rule.name] = index
         return cls(tuple(compiled), bool(allow_all_verified))
 

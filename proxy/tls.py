@@ -24,6 +24,7 @@ import tempfile
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from .config import Config, PemSource, ServerConfig, UpstreamConfig
 from .errors import ConfigError
@@ -139,12 +140,17 @@ def build_server_context(server: ServerConfig) -> tuple[ssl.SSLContext, list[Cer
     facts.append(CertFact("server", chain[0].not_valid_after_utc.timestamp()))
     with _PemFile(cert_pem) as cert_file, _PemFile(key_pem) as key_file:
         try:
-            ctx.load_cert_chain(cert_file, key_file)
+            ctx.load_cert_chain(cert_file, key_file, password=_no_password)
+        except _EncryptedKey:
+            raise ConfigError("server.key", f"{server.key}: the private key is encrypted (a passphrase "
+                                            f"cannot be given; store it unencrypted, mode 0600)") from None
         except ssl.SSLError as exc:
             if "KEY_VALUES_MISMATCH" in str(exc):
                 raise ConfigError("server.key", f"{server.key}: does not match the certificate in "
                                                 f"{server.cert}") from None
             raise ConfigError("server.key", f"{server.key}: cannot load key ({exc.reason or exc})") from None
+        except OSError as exc:
+            raise ConfigError("server.key", f"{server.key}: cannot load key ({exc.strerror or exc})") from None
 
     ca_pem = read_pem(server.client_ca, "server.client_ca")
     cas = _load_certs(ca_pem, "server.client_ca", server.client_ca)
@@ -163,7 +169,8 @@ def build_server_context(server: ServerConfig) -> tuple[ssl.SSLContext, list[Cer
         for crl in crls:
             nu = crl.next_update_utc
             facts.append(CertFact(f"crl:{_cn(crl.issuer)}", nu.timestamp() if nu else float("inf")))
-        with _PemFile(crl_pem) as crl_file:
+        # Only the CRLs, re-encoded: OpenSSL's cafile loader would also trust any certificate in the CRL file.
+        with _PemFile(b"".join(crl.public_bytes(serialization.Encoding.PEM) for crl in crls)) as crl_file:
             try:
                 ctx.load_verify_locations(cafile=crl_file)
             except ssl.SSLError as exc:
@@ -174,6 +181,16 @@ def build_server_context(server: ServerConfig) -> tuple[ssl.SSLContext, list[Cer
     except OSError as exc:
         raise ConfigError("server.verify_depth", f"cannot enforce the chain depth limit: {exc}") from None
     return ctx, facts
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_password() -> bytes:
+    # Without a callback OpenSSL prompts on the terminal for an encrypted key (hanging ``serve`` and reloads),
+    # or fails with a bare EINVAL when there is none.
+    raise _EncryptedKey
 
 
 def _load_crls(pem: bytes, source: PemSource) -> list[x509.CertificateRevocationList]:
@@ -196,7 +213,10 @@ def build_upstream_context(upstream: UpstreamConfig) -> ssl.SSLContext:
         pem = read_pem(upstream.ca_bundle, "upstream.ca_bundle")
         if not _load_certs(pem, "upstream.ca_bundle", upstream.ca_bundle):
             raise ConfigError("upstream.ca_bundle", f"{upstream.ca_bundle}: no certificate found")
-        ctx = ssl.create_default_context(cadata=pem.decode("ascii", "replace"))
+        try:
+            ctx = ssl.create_default_context(cadata=pem.decode("ascii", "replace"))
+        except ssl.SSLError as exc:
+            raise ConfigError("upstream.ca_bundle", f"{upstream.ca_bundle}: {exc.reason or exc}") from None
     else:
         ctx = ssl.create_default_context()
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -226,12 +246,14 @@ _VERIFY_REASONS = {
 
 def handshake_failure_reason(exc: BaseException) -> str:
     """One of no_cert, untrusted, expired, revoked, bad_purpose, protocol, timeout, other."""
+    # getattr: only errors raised by _ssl carry verify_code/reason; one built in Python code has neither.
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return _VERIFY_REASONS.get(exc.verify_code, "other")
+        return _VERIFY_REASONS.get(getattr(exc, "verify_code", None), "other")  # type: ignore[arg-type]
     if isinstance(exc, ssl.SSLError):
-        if exc.reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+        reason = getattr(exc, "reason", None)
+        if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
             return "no_cert"
-        if exc.reason in ("UNEXPECTED_EOF_WHILE_READING",) or isinstance(exc, ssl.SSLEOFError):
+        if reason in ("UNEXPECTED_EOF_WHILE_READING",) or isinstance(exc, ssl.SSLEOFError):
             return "other"
         return "protocol"
     if isinstance(exc, TimeoutError):
@@ -241,10 +263,10 @@ def handshake_failure_reason(exc: BaseException) -> str:
 
 def handshake_failure_detail(exc: BaseException) -> str:
     """A short log text: OpenSSL's verify message when there is one."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
+    if isinstance(exc, ssl.SSLCertVerificationError) and hasattr(exc, "verify_code"):
         return f"{exc.verify_message} (X509_V_ERR {exc.verify_code})"
     if isinstance(exc, ssl.SSLError):
-        return exc.reason or exc.__class__.__name__
+        return getattr(exc, "reason", None) or exc.__class__.__name__
     return exc.__class__.__name__ + (f": {exc}" if str(exc) else "")
 
 

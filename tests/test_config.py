@@ -1,0 +1,584 @@
+"""config.load: the TOML schema, MTLS_PROXY_* overrides, and one ConfigError line per problem.
+
+Every test passes an explicit ``environ`` mapping, so nothing here depends on (or changes) the process environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy import config
+from proxy.config import Address, AllowRule, PemSource
+from proxy.errors import ConfigErrors
+
+MINIMAL = """\
+[server]
+cert = "server.crt"
+key = "server.key"
+client_ca = "ca.crt"
+
+[upstream]
+url = "https://abc123.execute-api.us-east-1.amazonaws.com/prod"
+
+[[allow]]
+name = "partner-a"
+subject_cn = ["client-a"]
+"""
+
+# The issue's example, key for key (``san_dns = []; san_uri = []`` split onto two lines: ";" is not TOML).
+ISSUE_EXAMPLE = """\
+allow_all_verified = false
+[server]
+listen = "0.0.0.0:8443"
+cert = "server.crt"
+key = "server.key"
+client_ca = "ca.crt"
+crl = "crl.pem"
+tls_versions = ["1.2", "1.3"]
+ciphers = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256"
+verify_depth = 2
+max_body_bytes = 10485760
+[upstream]
+url = "https://abc123.execute-api.us-east-1.amazonaws.com/prod"
+connect_to = "vpce-0abc-xyz.execute-api.us-east-1.vpce.amazonaws.com:443"
+api_id = "abc123"
+ca_bundle = "path"
+verify = true
+connect_timeout = 5.0
+read_timeout = 30.0
+[[allow]]
+name = "partner-a"
+subject_cn = ["client-a"]
+san_dns = []
+san_uri = []
+fingerprint_sha256 = []
+methods = ["GET", "POST"]
+paths = ["/orders/*"]
+[admin]
+listen = "127.0.0.1:9100"
+"""
+
+
+def write(directory: Path, text: str, name: str = "proxy.toml") -> Path:
+    path = directory / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def load(path: Path | None, env: dict[str, str] | None = None) -> config.Config:
+    return config.load(path, env or {})
+
+
+def errors(path: Path | None, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigErrors) as info:
+        config.load(path, env or {})
+    lines = [str(e) for e in info.value.errors]
+    # One line per problem: the exception text is exactly those lines, none of them spans two.
+    assert str(info.value).split("\n") == lines
+    assert all("\n" not in line and "\r" not in line for line in lines)
+    return lines
+
+
+def edit(text: str, section: str, line: str) -> str:
+    """Insert ``line`` right after the ``[section]`` header (``""`` = top of the file)."""
+    if not section:
+        return line + "\n" + text
+    header = f"[{section}]\n"
+    assert header in text
+    return text.replace(header, header + line + "\n", 1)
+
+
+# ---- defaults and the documented example ---------------------------------------------------------------
+
+
+DEFAULTS = [
+    ("server.listen", Address("0.0.0.0", 8443)),
+    ("server.crl", None),
+    ("server.tls_versions", ("1.2", "1.3")),
+    ("server.ciphers", config.DEFAULT_CIPHERS),
+    ("server.verify_depth", 2),
+    ("server.max_body_bytes", 10 * 1024 * 1024),
+    ("server.proxy_protocol", False),
+    ("server.proxy_protocol_timeout", 3.0),
+    ("server.handshake_timeout", 10.0),
+    ("server.header_timeout", 10.0),
+    ("server.idle_timeout", 60.0),
+    ("server.max_connections", 10000),
+    ("server.workers", 1),
+    ("server.shutdown_timeout", 25.0),
+    ("server.reload_interval", 30.0),
+    ("upstream.connect_to", None),
+    ("upstream.api_id", None),
+    ("upstream.ca_bundle", None),
+    ("upstream.verify", True),
+    ("upstream.connect_timeout", 5.0),
+    ("upstream.read_timeout", 30.0),
+    ("upstream.pool_max_idle", 64),
+    ("upstream.pool_idle_timeout", 30.0),
+    ("admin.listen", Address("127.0.0.1", 9100)),
+    ("log.access", True),
+    ("log.level", "info"),
+    ("allow_all_verified", False),
+]
+
+
+def attr(cfg: config.Config, dotted: str) -> Any:
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+@pytest.mark.parametrize(("key", "expected"), DEFAULTS, ids=[k for k, _ in DEFAULTS])
+def test_defaults(tmp_path: Path, key: str, expected: Any) -> None:
+    assert attr(load(write(tmp_path, MINIMAL)), key) == expected
+
+
+def test_default_ciphers_are_ecdhe_aead_only() -> None:
+    suites = config.DEFAULT_CIPHERS.split(":")
+    assert suites and all(s.startswith("ECDHE-") and ("-GCM-" in s or "CHACHA20-POLY1305" in s) for s in suites)
+
+
+def test_issue_example_parses_every_key(tmp_path: Path) -> None:
+    path = write(tmp_path, ISSUE_EXAMPLE)
+    cfg = load(path)
+    s, u = cfg.server, cfg.upstream
+    assert cfg.allow_all_verified is False
+    assert s.listen == Address("0.0.0.0", 8443)
+    assert (s.cert, s.key, s.client_ca, s.crl) == tuple(
+        PemSource(path=tmp_path / n) for n in ("server.crt", "server.key", "ca.crt", "crl.pem"))
+    assert s.tls_versions == ("1.2", "1.3")
+    assert s.ciphers == "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256"
+    assert (s.verify_depth, s.max_body_bytes) == (2, 10485760)
+    assert u.url == "https://abc123.execute-api.us-east-1.amazonaws.com/prod"
+    assert (u.scheme, u.host, u.port, u.base_path) == ("https", "abc123.execute-api.us-east-1.amazonaws.com", 443,
+                                                       "/prod")
+    assert u.host_header == "abc123.execute-api.us-east-1.amazonaws.com"
+    assert u.connect_to == Address("vpce-0abc-xyz.execute-api.us-east-1.vpce.amazonaws.com", 443)
+    assert u.dial == u.connect_to
+    assert (u.api_id, u.ca_bundle, u.verify) == ("abc123", PemSource(path=tmp_path / "path"), True)
+    assert (u.connect_timeout, u.read_timeout) == (5.0, 30.0)
+    assert cfg.allow == (AllowRule(name="partner-a", subject_cn=("client-a",), methods=("GET", "POST"),
+                                   paths=("/orders/*",)),)
+    assert cfg.admin.listen == Address("127.0.0.1", 9100)
+    assert cfg.source == str(path)
+    assert cfg.watched_files == (path.resolve(), *sorted(
+        tmp_path / n for n in ("server.crt", "server.key", "ca.crt", "crl.pem", "path")))
+
+
+def test_keys_not_in_the_example_parse(tmp_path: Path) -> None:
+    text = MINIMAL.replace("[upstream]\n", "[upstream]\npool_max_idle = 0\npool_idle_timeout = 2.5\n")
+    text = edit(text, "server", "proxy_protocol = true\nproxy_protocol_timeout = 1\nhandshake_timeout = 2\n"
+                                "header_timeout = 3\nidle_timeout = 4\nmax_connections = 5\nworkers = 6\n"
+                                "shutdown_timeout = 7\nreload_interval = 0")
+    text += '\n[log]\naccess = false\nlevel = "debug"\n'
+    text += '[[allow]]\nname = "b"\nsan_uri = ["spiffe://b/*"]\nsource_vpce = ["vpce-0a1b"]\n'
+    cfg = load(write(tmp_path, text))
+    s = cfg.server
+    assert (s.proxy_protocol, s.proxy_protocol_timeout, s.handshake_timeout, s.header_timeout) == (True, 1, 2, 3)
+    assert (s.idle_timeout, s.max_connections, s.workers, s.shutdown_timeout) == (4, 5, 6, 7)
+    assert isinstance(s.proxy_protocol_timeout, float) and s.reload_interval == 0
+    assert (cfg.upstream.pool_max_idle, cfg.upstream.pool_idle_timeout) == (0, 2.5)
+    assert (cfg.log.access, cfg.log.level) == (False, "debug")
+    assert cfg.allow[1] == AllowRule(name="b", san_uri=("spiffe://b/*",), source_vpce=("vpce-0a1b",))
+
+
+# ---- paths and PEM sources ----------------------------------------------------------------------------
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    text = MINIMAL.replace('"server.crt"', '"certs/server.crt"').replace('"ca.crt"', '"/etc/pki/ca.crt"')
+    cfg = load(write(tmp_path / "conf", text))
+    assert cfg.server.cert == PemSource(path=tmp_path / "conf" / "certs" / "server.crt")
+    assert cfg.server.key == PemSource(path=tmp_path / "conf" / "server.key")
+    assert cfg.server.client_ca == PemSource(path=Path("/etc/pki/ca.crt"))
+
+
+def test_relative_paths_from_the_environment_are_relative_to_the_working_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = load(write(tmp_path / "conf", MINIMAL), {"MTLS_PROXY_SERVER_KEY": "keys/k.pem"})
+    assert cfg.server.key == PemSource(path=tmp_path / "keys" / "k.pem")
+
+
+@pytest.mark.parametrize("key", ["cert", "key", "client_ca", "crl"])
+def test_env_pem_source(tmp_path: Path, key: str) -> None:
+    text = MINIMAL if key == "crl" else MINIMAL.replace(f"\n{key} = ", "\n# ")
+    text = edit(text, "server", f'{key} = "env:PEM_{key.upper()}"')
+    cfg = load(write(tmp_path, text), {f"PEM_{key.upper()}": "-----BEGIN X-----"})
+    assert getattr(cfg.server, key) == PemSource(env=f"PEM_{key.upper()}")
+    assert str(getattr(cfg.server, key)) == f"env:PEM_{key.upper()}"
+    assert all(p.name != f"PEM_{key.upper()}" for p in cfg.watched_files)  # an env source is never watched
+
+
+def test_env_pem_source_for_upstream_ca_bundle(tmp_path: Path) -> None:
+    text = edit(MINIMAL, "upstream", 'ca_bundle = "env:API_CA"')
+    assert load(write(tmp_path, text), {"API_CA": "pem"}).upstream.ca_bundle == PemSource(env="API_CA")
+    assert errors(write(tmp_path, text)) == ["upstream.ca_bundle: environment variable API_CA is not set"]
+
+
+def test_env_pem_source_unset_variable_is_named(tmp_path: Path) -> None:
+    text = MINIMAL.replace('key = "server.key"', 'key = "env:TLS_KEY"')
+    assert errors(write(tmp_path, text)) == ["server.key: environment variable TLS_KEY is not set"]
+
+
+# ---- environment overrides ----------------------------------------------------------------------------
+
+# (variable, text, dotted attribute, expected value): one row per schema key.
+ENV_TABLE: list[tuple[str, str, str, Any]] = [
+    ("MTLS_PROXY_SERVER_LISTEN", "[::1]:9443", "server.listen", Address("::1", 9443)),
+    ("MTLS_PROXY_SERVER_CERT", "/run/s.crt", "server.cert", PemSource(path=Path("/run/s.crt"))),
+    ("MTLS_PROXY_SERVER_KEY", "env:KEY_PEM", "server.key", PemSource(env="KEY_PEM")),
+    ("MTLS_PROXY_SERVER_CLIENT_CA", "/run/ca.crt", "server.client_ca", PemSource(path=Path("/run/ca.crt"))),
+    ("MTLS_PROXY_SERVER_CRL", "/run/crl.pem", "server.crl", PemSource(path=Path("/run/crl.pem"))),
+    ("MTLS_PROXY_SERVER_TLS_VERSIONS", '["1.2"]', "server.tls_versions", ("1.2",)),
+    ("MTLS_PROXY_SERVER_CIPHERS", "ECDHE+AESGCM", "server.ciphers", "ECDHE+AESGCM"),
+    ("MTLS_PROXY_SERVER_VERIFY_DEPTH", "3", "server.verify_depth", 3),
+    ("MTLS_PROXY_SERVER_MAX_BODY_BYTES", " 1024 ", "server.max_body_bytes", 1024),
+    ("MTLS_PROXY_SERVER_PROXY_PROTOCOL", "true", "server.proxy_protocol", True),
+    ("MTLS_PROXY_SERVER_PROXY_PROTOCOL_TIMEOUT", "1.5", "server.proxy_protocol_timeout", 1.5),
+    ("MTLS_PROXY_SERVER_HANDSHAKE_TIMEOUT", "4", "server.handshake_timeout", 4.0),
+    ("MTLS_PROXY_SERVER_HEADER_TIMEOUT", "2.5", "server.header_timeout", 2.5),
+    ("MTLS_PROXY_SERVER_IDLE_TIMEOUT", "90", "server.idle_timeout", 90.0),
+    ("MTLS_PROXY_SERVER_MAX_CONNECTIONS", "50", "server.max_connections", 50),
+    ("MTLS_PROXY_SERVER_WORKERS", "4", "server.workers", 4),
+    ("MTLS_PROXY_SERVER_SHUTDOWN_TIMEOUT", "100", "server.shutdown_timeout", 100.0),
+    ("MTLS_PROXY_SERVER_RELOAD_INTERVAL", "0", "server.reload_interval", 0.0),
+    ("MTLS_PROXY_UPSTREAM_URL", "https://x1.execute-api.eu-west-1.amazonaws.com:8443/v1/",
+     "upstream.url", "https://x1.execute-api.eu-west-1.amazonaws.com:8443/v1/"),
+    ("MTLS_PROXY_UPSTREAM_CONNECT_TO", "10.0.0.5:443", "upstream.connect_to", Address("10.0.0.5", 443)),
+    ("MTLS_PROXY_UPSTREAM_API_ID", "x1", "upstream.api_id", "x1"),
+    ("MTLS_PROXY_UPSTREAM_CA_BUNDLE", "/run/api-ca.pem", "upstream.ca_bundle", PemSource(path=Path("/run/api-ca.pem"))),
+    ("MTLS_PROXY_UPSTREAM_VERIFY", "off", "upstream.verify", False),
+    ("MTLS_PROXY_UPSTREAM_CONNECT_TIMEOUT", "0.5", "upstream.connect_timeout", 0.5),
+    ("MTLS_PROXY_UPSTREAM_READ_TIMEOUT", "45", "upstream.read_timeout", 45.0),
+    ("MTLS_PROXY_UPSTREAM_POOL_MAX_IDLE", "0", "upstream.pool_max_idle", 0),
+    ("MTLS_PROXY_UPSTREAM_POOL_IDLE_TIMEOUT", "5", "upstream.pool_idle_timeout", 5.0),
+    ("MTLS_PROXY_ADMIN_LISTEN", "0.0.0.0:9200", "admin.listen", Address("0.0.0.0", 9200)),
+    ("MTLS_PROXY_LOG_ACCESS", "0", "log.access", False),
+    ("MTLS_PROXY_LOG_LEVEL", "warning", "log.level", "warning"),
+    ("MTLS_PROXY_ALLOW_ALL_VERIFIED", "yes", "allow_all_verified", True),
+]
+
+
+def test_env_table_covers_every_schema_key() -> None:
+    expected = {f"MTLS_PROXY_{section.upper()}_{key.upper()}"
+                for section, keys in config._SECTIONS.items() for key in keys}
+    expected |= {f"MTLS_PROXY_{key.upper()}" for key in config._TOP_KEYS}
+    assert {row[0] for row in ENV_TABLE} == expected
+
+
+@pytest.mark.parametrize(("var", "text", "key", "expected"), ENV_TABLE, ids=[r[0] for r in ENV_TABLE])
+def test_env_override(tmp_path: Path, var: str, text: str, key: str, expected: Any) -> None:
+    cfg = load(write(tmp_path, MINIMAL), {var: text, "KEY_PEM": "x"})
+    value = attr(cfg, key)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("1", True), ("true", True), ("TRUE", True), ("yes", True), ("on", True),
+    ("0", False), ("false", False), ("No", False), ("off", False),
+])
+def test_env_bool_spellings(tmp_path: Path, text: str, expected: bool) -> None:
+    assert load(write(tmp_path, MINIMAL), {"MTLS_PROXY_UPSTREAM_VERIFY": text}).upstream.verify is expected
+
+
+def test_env_beats_the_file(tmp_path: Path) -> None:
+    text = edit(edit(MINIMAL, "upstream", "read_timeout = 10.0"), "server", 'listen = "127.0.0.1:1000"')
+    cfg = load(write(tmp_path, text), {"MTLS_PROXY_UPSTREAM_READ_TIMEOUT": "45",
+                                       "MTLS_PROXY_SERVER_LISTEN": "127.0.0.1:2000"})
+    assert cfg.upstream.read_timeout == 45.0
+    assert cfg.server.listen == Address("127.0.0.1", 2000)
+
+
+def test_env_allow_replaces_the_whole_rule_list(tmp_path: Path) -> None:
+    rules = ('[{"name": "env-a", "subject_cn": ["a"], "methods": ["GET"]},'
+             ' {"name": "env-b", "fingerprint_sha256": ["AB:CD"], "paths": ["/x/**"]}]')
+    cfg = load(write(tmp_path, MINIMAL), {"MTLS_PROXY_ALLOW": rules})
+    assert cfg.allow == (AllowRule(name="env-a", subject_cn=("a",), methods=("GET",)),
+                         AllowRule(name="env-b", fingerprint_sha256=("AB:CD",), paths=("/x/**",)))
+
+
+def test_env_allow_all_verified_needs_no_rules(tmp_path: Path) -> None:
+    text = MINIMAL.split("[[allow]]")[0]
+    cfg = load(write(tmp_path, text), {"MTLS_PROXY_ALLOW_ALL_VERIFIED": "true"})
+    assert cfg.allow_all_verified is True and cfg.allow == ()
+    assert errors(write(tmp_path, text)) == [
+        "allow: no [[allow]] rules: every request would be refused (add a rule, or set allow_all_verified = true "
+        "to admit any verified client)"]
+
+
+def test_environment_only_configuration() -> None:
+    env = {"MTLS_PROXY_SERVER_CERT": "/c", "MTLS_PROXY_SERVER_KEY": "/k", "MTLS_PROXY_SERVER_CLIENT_CA": "/ca",
+           "MTLS_PROXY_UPSTREAM_URL": "https://api.example.com", "MTLS_PROXY_ALLOW": '[{"name":"a","san_dns":["*"]}]',
+           "UNRELATED": "ignored"}
+    cfg = load(None, env)
+    assert cfg.source == "<environment>" and cfg.upstream.base_path == "" and cfg.watched_files == tuple(
+        sorted(Path(p) for p in ("/c", "/k", "/ca")))
+
+
+# ---- upstream URL facts -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("url", "host", "port", "host_header", "base_path"), [
+    ("https://api.example.com", "api.example.com", 443, "api.example.com", ""),
+    ("https://API.Example.com:443/prod/", "api.example.com", 443, "api.example.com", "/prod"),
+    ("https://api.example.com:8443/a/b", "api.example.com", 8443, "api.example.com:8443", "/a/b"),
+    ("https://10.1.2.3/prod", "10.1.2.3", 443, "10.1.2.3", "/prod"),
+    ("https://[::1]:8443/prod", "::1", 8443, "[::1]:8443", "/prod"),  # bracketed in Host (RFC 3986 3.2.2)
+    ("https://[2001:db8::1]/", "2001:db8::1", 443, "[2001:db8::1]", ""),
+])
+def test_upstream_url_parts(tmp_path: Path, url: str, host: str, port: int, host_header: str,
+                            base_path: str) -> None:
+    u = load(write(tmp_path, MINIMAL), {"MTLS_PROXY_UPSTREAM_URL": url}).upstream
+    assert (u.host, u.port, u.host_header, u.base_path) == (host, port, host_header, base_path)
+    assert u.dial == Address(host, port)
+
+
+# ---- errors: each problem is one line naming the key, variable or file ------------------------------
+
+# (where to insert: section or "" for top level, the line, the key the error must name, a message fragment)
+FILE_ERRORS: list[tuple[str, str, str, str]] = [
+    ("", "bogus = 1", "bogus", "unknown key"),
+    ("", "[bogus]\nx = 1", "bogus", "unknown key"),
+    ("", '"a\\nb" = 1', "'a\\nb'", "unknown key"),
+    ("server", "bogus = 1", "server.bogus", "unknown key"),
+    ("server", "Listen = \"1.2.3.4:5\"", "server.Listen", "unknown key"),
+    ("upstream", "bogus = 1", "upstream.bogus", "unknown key"),
+    ("allow", "bogus = 1", "allow[0].bogus", "unknown key"),
+    ("", "[admin]\nbogus = 1", "admin.bogus", "unknown key"),
+    ("", "[log]\nbogus = 1", "log.bogus", "unknown key"),
+    # wrong types
+    ("server", 'verify_depth = "2"', "server.verify_depth", "expected an integer"),
+    ("server", "verify_depth = true", "server.verify_depth", "expected an integer"),
+    ("server", "max_body_bytes = 1.5", "server.max_body_bytes", "expected an integer"),
+    ("server", 'proxy_protocol = "yes"', "server.proxy_protocol", "expected true or false"),
+    ("server", 'tls_versions = "1.2"', "server.tls_versions", "expected a list of strings"),
+    ("server", "tls_versions = [1.2]", "server.tls_versions", "expected a list of strings"),
+    ("server", "ciphers = 5", "server.ciphers", "expected a string"),
+    ("server", "listen = 8443", "server.listen", "host:port"),
+    ("server", 'crl = ""', "server.crl", "expected a file path or env:NAME"),
+    ("server", 'crl = "env:1BAD"', "server.crl", "bad environment variable name"),
+    ("upstream", 'read_timeout = "30"', "upstream.read_timeout", "expected a number"),
+    ("upstream", "verify = 1", "upstream.verify", "expected true or false"),
+    ("", 'allow_all_verified = "true"', "allow_all_verified", "expected true or false"),
+    ("", "[log]\nlevel = \"loud\"", "log.level", "must be one of"),
+    ("allow", "san_dns = \"client-a\"", "allow[0].san_dns", "expected a list of strings"),
+    # addresses
+    ("server", 'listen = "8443"', "server.listen", "host:port"),
+    ("server", 'listen = ":8443"', "server.listen", "host:port"),
+    ("server", 'listen = "host:"', "server.listen", "host:port"),
+    ("server", 'listen = "host:99999"', "server.listen", "out of range"),
+    ("server", 'listen = "::1:8443"', "server.listen", "host:port"),
+    ("server", 'listen = "[::1:8443"', "server.listen", "host:port"),
+    ("server", 'listen = "[1::2::3]:80"', "server.listen", "'::'"),
+    ("server", 'listen = "a b:80"', "server.listen", "host:port"),
+    ("upstream", 'connect_to = "vpce-1.example.com"', "upstream.connect_to", "host:port"),
+    ("", '[admin]\nlisten = "nope"', "admin.listen", "host:port"),
+    ("", '[admin]\nlisten = "0.0.0.0:8443"', "admin.listen", "must differ from server.listen"),
+    # upstream URL, API id
+    ("upstream", 'api_id = "ABC123"', "upstream.api_id", "not an API Gateway id"),
+    ("upstream", 'api_id = "abc-123"', "upstream.api_id", "not an API Gateway id"),
+    ("upstream", 'api_id = ""', "upstream.api_id", "not an API Gateway id"),
+    # TLS and ranges
+    ("server", 'tls_versions = ["1.1", "1.2"]', "server.tls_versions", 'only "1.2" and "1.3"'),
+    ("server", 'tls_versions = ["1.0"]', "server.tls_versions", 'only "1.2" and "1.3"'),
+    ("server", "tls_versions = []", "server.tls_versions", 'only "1.2" and "1.3"'),
+    ("server", 'ciphers = "  "', "server.ciphers", "must not be empty"),
+    ("server", "verify_depth = 17", "server.verify_depth", "between 0 and 16"),
+    ("server", "verify_depth = -1", "server.verify_depth", "between 0 and 16"),
+    ("server", "workers = 0", "server.workers", "between 1 and 256"),
+    ("server", "max_connections = 0", "server.max_connections", "between 1"),
+    ("server", "handshake_timeout = 0", "server.handshake_timeout", "between 0.01"),
+    ("server", "idle_timeout = inf", "server.idle_timeout", "between 0.01"),
+    ("server", "shutdown_timeout = nan", "server.shutdown_timeout", "between 0.01"),
+    ("upstream", "read_timeout = 0", "upstream.read_timeout", "between 0.01"),
+    ("upstream", "connect_timeout = -1", "upstream.connect_timeout", "between 0.01"),
+    ("upstream", "pool_max_idle = -1", "upstream.pool_max_idle", "between 0"),
+    # rules
+    ("allow", 'methods = ["get"]', "allow[0].methods[0]", "not an uppercase HTTP method"),
+    ("allow", 'methods = ["GET", "PO ST"]', "allow[0].methods[1]", "not an uppercase HTTP method"),
+    ("allow", 'source_vpce = ["vpce-0abc"]', "allow[0].source_vpce", "needs server.proxy_protocol = true"),
+]
+
+
+@pytest.mark.parametrize(("section", "line", "key", "fragment"), FILE_ERRORS,
+                         ids=[f"{k}:{line}" for _, line, k, _ in FILE_ERRORS])
+def test_file_error_is_one_line_naming_the_key(tmp_path: Path, section: str, line: str, key: str,
+                                               fragment: str) -> None:
+    if section == "allow":
+        text = MINIMAL + line + "\n"
+    elif section == "":
+        text = MINIMAL + line + "\n" if line.startswith("[") else edit(MINIMAL, "", line)
+    else:
+        text = edit(MINIMAL, section, line)
+    lines = errors(write(tmp_path, text))
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"{key}: ") and fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(("url", "fragment"), [
+    ("http://api.example.com/prod", "must be an https:// URL"),
+    ("ftp://api.example.com/prod", "must be an https:// URL"),
+    ("api.example.com/prod", "must be an https:// URL"),
+    ("https://user:secret@api.example.com/prod", "without credentials, query or fragment"),
+    ("https://@api.example.com/prod", "without credentials, query or fragment"),
+    ("https://api.example.com/prod?stage=1", "without credentials, query or fragment"),
+    ("https://api.example.com/prod?", "without credentials, query or fragment"),
+    ("https://api.example.com/prod#frag", "without credentials, query or fragment"),
+    ("https:///prod", "without credentials, query or fragment"),
+    ("https://api.example.com:99999/prod", "out of range"),
+    ("https://api.example.com:x/prod", "in 'https://api.example.com:x/prod'"),
+    ("https://[::1/prod", "Invalid IPv6 URL"),  # urlsplit raises; must become a ConfigError
+    ("https://bücher.example/prod", "not an ASCII DNS name"),  # would crash encoding the Host header
+    ("https://api example.com/prod", "not an ASCII DNS name"),
+    ("https://api_x.example.com/prod", "not an ASCII DNS name"),
+    ("https://api.example.com/pr od", "bad base path"),
+    ("https://api.example.com/prod/\u00e9", "bad base path"),
+])
+def test_bad_upstream_url(tmp_path: Path, url: str, fragment: str) -> None:
+    text = MINIMAL.replace("https://abc123.execute-api.us-east-1.amazonaws.com/prod", url)
+    lines = errors(write(tmp_path, text))
+    assert len(lines) == 1 and lines[0].startswith("upstream.url: ") and fragment in lines[0], lines
+
+
+@pytest.mark.parametrize("url", ["https://user:secret@api.example.com/prod", "http://user:secret@api.example.com/",
+                                 "https://user:secret@api.example.com:99999/", "ftp://secret@api.example.com/"])
+def test_url_credentials_are_never_echoed(tmp_path: Path, url: str) -> None:
+    text = MINIMAL.replace("https://abc123.execute-api.us-east-1.amazonaws.com/prod", url)
+    (line,) = errors(write(tmp_path, text))
+    assert line.startswith("upstream.url: ") and "secret" not in line
+
+
+def test_bad_source_vpce_id(tmp_path: Path) -> None:
+    text = edit(MINIMAL, "server", "proxy_protocol = true") + 'source_vpce = ["vpce-0abc", "vpc-123", "VPCE-1"]\n'
+    assert errors(write(tmp_path, text)) == [
+        "allow[0].source_vpce[1]: not a VPC endpoint id: 'vpc-123'",
+        "allow[0].source_vpce[2]: not a VPC endpoint id: 'VPCE-1'",
+    ]
+
+
+def test_duplicate_rule_names(tmp_path: Path) -> None:
+    text = MINIMAL + '[[allow]]\nname = "partner-b"\nsubject_cn = ["b"]\n[[allow]]\nname = "partner-a"\n'
+    assert errors(write(tmp_path, text)) == ["allow[2].name: duplicate rule name 'partner-a'"]
+
+
+@pytest.mark.parametrize(("rules", "key", "fragment"), [
+    ("[allow]\nname = \"x\"\n", "allow", "expected a list of rules"),
+    ("allow = [5]\n", "allow[0]", "expected a table"),
+    ("[[allow]]\nsubject_cn = [\"a\"]\n", "allow[0].name", "required"),
+])
+def test_malformed_rule_list(tmp_path: Path, rules: str, key: str, fragment: str) -> None:
+    text = MINIMAL.split("[[allow]]")[0]
+    text = rules + text if rules.startswith("allow =") else text + rules
+    lines = errors(write(tmp_path, text))
+    assert len(lines) == 1 and lines[0].startswith(f"{key}: ") and fragment in lines[0], lines
+
+
+@pytest.mark.parametrize(("missing", "key"), [
+    ('cert = "server.crt"', "server.cert"),
+    ('key = "server.key"', "server.key"),
+    ('client_ca = "ca.crt"', "server.client_ca"),
+    ('url = "https://abc123.execute-api.us-east-1.amazonaws.com/prod"', "upstream.url"),
+])
+def test_required_keys(tmp_path: Path, missing: str, key: str) -> None:
+    assert errors(write(tmp_path, MINIMAL.replace(missing, ""))) == [f"{key}: required"]
+
+
+def test_a_wrong_required_key_is_reported_once(tmp_path: Path) -> None:
+    # Regression: a present-but-invalid required key also produced "server.cert: required".
+    assert errors(write(tmp_path, MINIMAL.replace('cert = "server.crt"', "cert = 5"))) == [
+        "server.cert: expected a file path or env:NAME"]
+    lines = errors(write(tmp_path, MINIMAL.replace("[server]", "server = 5\n[other]")))
+    assert lines[0] == "server: expected a table" and "server.cert: required" not in lines
+
+
+ENV_ERRORS: list[tuple[dict[str, str], str, str]] = [
+    ({"MTLS_PROXY_SERVER_BOGUS": "1"}, "MTLS_PROXY_SERVER_BOGUS", "unknown setting"),
+    ({"MTLS_PROXY_BOGUS": "1"}, "MTLS_PROXY_BOGUS", "unknown setting"),
+    ({"MTLS_PROXY_SERVER": "1"}, "MTLS_PROXY_SERVER", "unknown setting"),
+    ({"MTLS_PROXY_SERVERLISTEN": "1"}, "MTLS_PROXY_SERVERLISTEN", "unknown setting"),
+    ({"MTLS_PROXY_UPSTREAM_READTIMEOUT": "1"}, "MTLS_PROXY_UPSTREAM_READTIMEOUT", "unknown setting"),
+    ({"MTLS_PROXY_SERVER_VERIFY_DEPTH": "two"}, "MTLS_PROXY_SERVER_VERIFY_DEPTH", "expected an integer"),
+    ({"MTLS_PROXY_SERVER_VERIFY_DEPTH": "2.0"}, "MTLS_PROXY_SERVER_VERIFY_DEPTH", "expected an integer"),
+    ({"MTLS_PROXY_SERVER_PROXY_PROTOCOL": "maybe"}, "MTLS_PROXY_SERVER_PROXY_PROTOCOL", "expected true or false"),
+    ({"MTLS_PROXY_UPSTREAM_READ_TIMEOUT": "soon"}, "MTLS_PROXY_UPSTREAM_READ_TIMEOUT", "expected a number"),
+    ({"MTLS_PROXY_UPSTREAM_READ_TIMEOUT": "nan"}, "upstream.read_timeout", "between 0.01"),
+    ({"MTLS_PROXY_SERVER_TLS_VERSIONS": "1.2"}, "MTLS_PROXY_SERVER_TLS_VERSIONS", "expected a list of strings"),
+    ({"MTLS_PROXY_SERVER_TLS_VERSIONS": '["1.2"'}, "MTLS_PROXY_SERVER_TLS_VERSIONS", "expected a JSON array"),
+    ({"MTLS_PROXY_SERVER_TLS_VERSIONS": '["1.1"]'}, "server.tls_versions", 'only "1.2" and "1.3"'),
+    ({"MTLS_PROXY_SERVER_LISTEN": "nowhere"}, "MTLS_PROXY_SERVER_LISTEN", "host:port"),
+    ({"MTLS_PROXY_UPSTREAM_URL": "http://api.example.com"}, "upstream.url", "must be an https:// URL"),
+    ({"MTLS_PROXY_ALLOW_ALL_VERIFIED": "perhaps"}, "MTLS_PROXY_ALLOW_ALL_VERIFIED", "expected true or false"),
+    ({"MTLS_PROXY_ALLOW": "{not json"}, "MTLS_PROXY_ALLOW", "expected a JSON array of rule objects"),
+    ({"MTLS_PROXY_ALLOW": '{"name": "a"}'}, "MTLS_PROXY_ALLOW", "expected a list of rules"),
+    ({"MTLS_PROXY_ALLOW": '["a"]'}, "MTLS_PROXY_ALLOW[0]", "expected a table"),
+    ({"MTLS_PROXY_ALLOW": '[{"name": "a", "subject_cn": ["x"], "methods": ["get"]}]'},
+     "MTLS_PROXY_ALLOW[0].methods[0]", "not an uppercase HTTP method"),
+    ({"MTLS_PROXY_ALLOW": '[{"name": "a", "subject_cn": ["x"], "colour": "red"}]'},
+     "MTLS_PROXY_ALLOW[0].colour", "unknown key"),
+    ({"MTLS_PROXY_ALLOW": '[{"name": "a", "subject_cn": ["x"]}, {"name": "a", "san_dns": ["y"]}]'},
+     "MTLS_PROXY_ALLOW[1].name", "duplicate rule name"),
+]
+
+
+@pytest.mark.parametrize(("env", "key", "fragment"), ENV_ERRORS, ids=[f"{k}:{list(e.values())[0]}"
+                                                                       for e, k, _ in ENV_ERRORS])
+def test_env_error_is_one_line_naming_the_variable(tmp_path: Path, env: dict[str, str], key: str,
+                                                   fragment: str) -> None:
+    lines = errors(write(tmp_path, MINIMAL), env)
+    assert len(lines) == 1 and lines[0].startswith(f"{key}: ") and fragment in lines[0], lines
+
+
+def test_env_and_file_values_are_not_confused_for_each_other(tmp_path: Path) -> None:
+    # The variable is named, not the file key it overrides; the file's own value was fine.
+    lines = errors(write(tmp_path, edit(MINIMAL, "server", "verify_depth = 3")),
+                   {"MTLS_PROXY_SERVER_VERIFY_DEPTH": "x"})
+    assert lines == ["MTLS_PROXY_SERVER_VERIFY_DEPTH: expected an integer, got 'x'"]
+
+
+def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "[server\n")
+    lines = errors(path)
+    assert len(lines) == 1 and lines[0].startswith(f"{path}: invalid TOML: ") and "line" in lines[0]
+
+
+def test_missing_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    assert errors(path) == [f"{path}: config file not found"]
+
+
+def test_unreadable_path_names_the_file(tmp_path: Path) -> None:
+    lines = errors(tmp_path)  # a directory
+    assert len(lines) == 1 and lines[0].startswith(f"{tmp_path}: cannot read")
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    text = MINIMAL.replace('cert = "server.crt"', 'cert = 5')
+    text = text.replace("https://abc123", "http://abc123")
+    text = edit(text, "server", 'listen = "nowhere"\ntls_versions = ["1.1"]\nbogus = true')
+    text = edit(text, "upstream", 'api_id = "NOT-AN-ID"\nread_timeout = 0')
+    text += 'methods = ["get"]\n[[allow]]\nname = "partner-a"\nsubject_cn = ["x"]\n'
+    env = {"MTLS_PROXY_LOG_LEVEL": "loud", "MTLS_PROXY_UPSTREAM_VERIFY": "sometimes", "MTLS_PROXY_TYPO": "1"}
+    lines = errors(write(tmp_path, text), env)
+    keys = sorted(line.split(": ", 1)[0] for line in lines)
+    assert keys == sorted([
+        "server.cert", "server.listen", "server.bogus", "server.tls_versions", "upstream.url", "upstream.api_id",
+        "upstream.read_timeout", "allow[0].methods[0]", "allow[1].name", "log.level",
+        "MTLS_PROXY_UPSTREAM_VERIFY", "MTLS_PROXY_TYPO",
+    ]), lines
+
+
+def test_config_is_frozen(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, MINIMAL))
+    with pytest.raises(AttributeError):
+        cfg.server.verify_depth = 5  # type: ignore[misc]
+    changed = config.replace(cfg, allow_all_verified=True)
+    assert changed.allow_all_verified and not cfg.allow_all_verified

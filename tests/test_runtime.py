@@ -1,0 +1,69 @@
+"""runtime: build_runtime collects every file problem; Runtime.peer parses a certificate once and builds the
+per-connection header block with that connection's own address."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy import config as config_mod
+from proxy import runtime
+from proxy.errors import ConfigErrors
+from tests.harness import write_config
+from tests.pki import Pki
+
+
+@pytest.fixture
+def rt(tmp_path: Path, pki: Pki) -> runtime.Runtime:
+    return runtime.build_runtime(config_mod.load(write_config(tmp_path / "p.toml", pki, 9), {}))
+
+
+def test_same_certificate_same_identity_object(rt: runtime.Runtime, pki: Pki) -> None:
+    der = pki.clients["good"].der
+    first = rt.peer(der, "10.0.0.1", None)
+    second = rt.peer(bytes(der), "10.0.0.2", None)  # equal bytes, another object: still a cache hit
+    assert second.identity is first.identity and second.policy is first.policy
+    assert first.identity.fingerprint == pki.clients["good"].fingerprint
+
+
+def test_block_carries_each_connections_address(rt: runtime.Runtime, pki: Pki) -> None:
+    der = pki.clients["good"].der
+    a, b = rt.peer(der, "10.0.0.1", None), rt.peer(der, "192.0.2.7", None)
+    assert (a.client_addr, b.client_addr) == ("10.0.0.1", "192.0.2.7")
+    assert b"\r\nX-Forwarded-For: 10.0.0.1\r\n" in a.block and b"192.0.2.7" not in a.block
+    assert b"\r\nX-Forwarded-For: 192.0.2.7\r\n" in b.block and b"10.0.0.1" not in b.block
+    assert a.block.startswith(rt.upstream_block) and rt.upstream_block.startswith(b"Host: api.test\r\n")
+    assert b"\r\nX-Client-Cert-Fingerprint: " + pki.clients["good"].fingerprint.encode() + b"\r\n" in a.block
+    assert "10.0.0.1" in a.log_prefix and "192.0.2.7" in b.log_prefix
+
+
+def test_different_certificates_different_identities(rt: runtime.Runtime, pki: Pki) -> None:
+    good, other = rt.peer(pki.clients["good"].der, "10.0.0.1", None), rt.peer(pki.clients["other"].der,
+                                                                              "10.0.0.1", None)
+    assert good.identity.fingerprint == pki.clients["good"].fingerprint
+    assert other.identity.fingerprint == pki.clients["other"].fingerprint
+
+
+def test_vpce_id_is_part_of_the_cache_key_and_the_block(rt: runtime.Runtime, pki: Pki) -> None:
+    der = pki.clients["good"].der
+    plain, via = rt.peer(der, "10.0.0.1", None), rt.peer(der, "10.0.0.1", "vpce-0abc")
+    assert via.vpce_id == "vpce-0abc" and b"\r\nX-Client-Vpce-Id: vpce-0abc\r\n" in via.block
+    assert b"Vpce" not in plain.block
+    assert rt.peer(der, "10.0.0.9", "vpce-0abc").policy is via.policy
+
+
+def test_cache_is_bounded(rt: runtime.Runtime, pki: Pki) -> None:
+    der = pki.clients["good"].der
+    for i in range(runtime.IDENTITY_CACHE + 10):
+        rt.peer(der, "10.0.0.1", f"vpce-{i:x}")
+    assert len(rt._cache) <= runtime.IDENTITY_CACHE
+
+
+def test_build_runtime_reports_every_problem(tmp_path: Path, pki: Pki) -> None:
+    path = write_config(tmp_path / "p.toml", pki, 9, server={"key": str(tmp_path / "gone.key")},
+                        upstream={"ca_bundle": str(tmp_path / "gone-ca.crt")},
+                        rules=[{"name": "paths-only", "paths": ["/x"]}])
+    with pytest.raises(ConfigErrors) as info:
+        runtime.build_runtime(config_mod.load(path, {}))
+    assert [e.key for e in info.value.errors] == ["server.key", "upstream.ca_bundle", "allow"]
