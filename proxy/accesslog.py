@@ -41,6 +41,13 @@ class AccessLog:
         self._timer: asyncio.TimerHandle | None = None
         self._second = -1
         self._stamp = ""
+        self._json: dict[str | None, str] = {None: "null"}
+
+    def _encode(self, value: str | None) -> str:
+        encoded = json.dumps(value)
+        if len(self._json) < 1024:  # bounded: rule names and error codes, never client input
+            self._json[value] = encoded
+        return encoded
 
     @property
     def enabled(self) -> bool:
@@ -58,11 +65,17 @@ class AccessLog:
               bytes_out: int, duration: float, upstream: float | None, error: str | None) -> None:
         if self._fd is None:
             return
-        line = (f'{{"time":"{self._time()}",{prefix},"rule":{json.dumps(rule)},"method":{json.dumps(method)},'
-                f'"path":{json.dumps(target.decode("ascii", "replace"))},"status":{status},'
-                f'"bytes_in":{bytes_in},"bytes_out":{bytes_out},"duration_ms":{duration * 1000:.3f},'
-                f'"upstream_ms":{"null" if upstream is None else f"{upstream * 1000:.3f}"},'
-                f'"error":{json.dumps(error)}}}\n')
+        # Rule names and error codes come from small fixed sets: JSON-encode each once.  The method is an HTTP
+        # token and the target visible ASCII (both enforced by the parser), so only '"' and '\\' need escaping.
+        js = self._json
+        rule_j = js.get(rule) or self._encode(rule)
+        error_j = js.get(error) or self._encode(error)
+        path = target.decode("ascii", "replace")
+        path_j = json.dumps(path) if ('"' in path or "\\" in path) else f'"{path}"'
+        line = (f'{{"time":"{self._time()}",{prefix},"rule":{rule_j},"method":"{method}","path":{path_j},'
+                f'"status":{status},"bytes_in":{bytes_in},"bytes_out":{bytes_out},'
+                f'"duration_ms":{duration * 1000:.3f},'
+                f'"upstream_ms":{"null" if upstream is None else f"{upstream * 1000:.3f}"},"error":{error_j}}}\n')
         self._lines.append(line)
         self._size += len(line)
         if self._size >= FLUSH_BYTES:

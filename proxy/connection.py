@@ -154,8 +154,10 @@ class ClientConnection(asyncio.Protocol):
 
     # -- request head ---------------------------------------------------------------------------------------
     def _head(self, data: bytes) -> None:
-        first = not self.buf
-        if not first:
+        # Empty lines before a request line (RFC 9112 §2.2) do not start the head: only its first real byte
+        # starts the header timeout, or a client could trickle behind one CRLF for the whole idle_timeout.
+        first = not self.buf.strip(b"\r\n")
+        if self.buf:
             data = self.buf + data
             self.buf = b""
         try:
@@ -184,6 +186,7 @@ class ClientConnection(asyncio.Protocol):
         decision = self.peer.policy.decide(req.method, path)
         if not decision.allowed:
             srv.metrics.bump(srv.metrics.denied, decision.reason)
+            self.buf = rest  # a pipelined next request (RFC 9112 §9.3.2): _next() answers it after this 403
             self._refuse(Forbidden(decision.detail, decision.reason), close=req.has_body or not req.keep_alive)
             return
         self.rule = decision.rule
@@ -191,10 +194,13 @@ class ClientConnection(asyncio.Protocol):
         if req.content_length is not None and req.content_length > cfg.server.max_body_bytes:
             self._refuse(PayloadTooLarge(f"request body larger than {cfg.server.max_body_bytes} bytes"), close=True)
             return
-        target = req.target if path is req.path else path.encode("ascii") + req.query
+        # Byte-exact (issue 2 §4) unless dot segments were removed: then the upstream gets the path the policy
+        # matched (§3).  Decoded %XX of unreserved characters alone is no reason to rewrite (RFC 3986 §6.2.2.2).
+        target = (req.target if path is req.path or not _has_dot_segment(req.path)
+                  else path.encode("ascii") + req.query)
         if srv.base_path:
             target = srv.base_path + target
-        head_out = request_head(req.method, target, req.lines, self.peer.block, req.chunked)
+        head_out = request_head(req.method, target, req.fields, self.peer.block, req.chunked)
         if req.has_body:
             self.state = _BODY
             if req.chunked:
@@ -353,7 +359,7 @@ class ClientConnection(asyncio.Protocol):
         elif not req.http11:
             extra += KEEP_ALIVE_LINE
         self.started = True
-        self.pending_head = response_head(resp.status, resp.reason, resp.lines, extra)
+        self.pending_head = response_head(resp.status, resp.reason, resp.fields, extra)
 
     def on_response_body(self, pieces: list[bytes]) -> None:
         out: list[bytes] = []
@@ -378,6 +384,17 @@ class ClientConnection(asyncio.Protocol):
             out.append(http1.LAST_CHUNK)
         if out:
             self.transport.write(b"".join(out))
+        self._finish(reusable)
+
+    def on_response_complete(self, resp: ResponseHead, body: bytes, reusable: bool) -> None:
+        """The whole response arrived at once (the common small-API case): one write, one call."""
+        self.on_response_head(resp, True)
+        self.bytes_out = len(body)
+        self.transport.write(self.pending_head + body)
+        self.pending_head = b""
+        self._finish(reusable)
+
+    def _finish(self, reusable: bool) -> None:
         self.t_up_end = perf_counter()
         up = self.up
         self.up = None
@@ -437,12 +454,19 @@ class ClientConnection(asyncio.Protocol):
         if self.req is None:
             self.t0 = perf_counter()
         self.status = exc.status
-        self.transport.write(self._error_response(exc, close))
+        response = self._error_response(exc, close)
+        body = len(response) - response.index(b"\r\n\r\n") - 4
+        if self.req is not None and self.req.method == "HEAD":
+            # RFC 9110 §9.3.2: no content for HEAD (Content-Length still says what GET would get); on a
+            # keep-alive connection the client would read the JSON as the start of the next response.
+            response, body = response[:len(response) - body], 0
+        self.transport.write(response)
+        self.bytes_out = body  # the access log counts the error body the client got, like any other body
         self._log(exc.status, exc.code)
         if close:
             self.state = _CLOSED
             self.deadline.cancel()
-            self.transport.close()
+            self.transport.close(linger=True)  # type: ignore[call-arg]  # TLSTransport: see Lingerer
         else:
             self.keep = True
             self.req_done = True
@@ -526,6 +550,11 @@ class ClientConnection(asyncio.Protocol):
         if up is not None:
             up.close()
         self.transport.abort()
+
+
+def _has_dot_segment(path: str) -> bool:
+    """Whether RFC 3986 §5.2.4 would change ``path`` ("." or "..", also as %2e, any case, in any segment)."""
+    return any(seg.lower().replace("%2e", ".") in (".", "..") for seg in path.split("/"))
 
 
 _REASONS = {400: b"Bad Request", 403: b"Forbidden", 408: b"Request Timeout", 413: b"Content Too Large",

@@ -42,6 +42,7 @@ class Exchange(Protocol):
     def on_response_head(self, resp: ResponseHead, has_body: bool) -> None: ...
     def on_response_body(self, pieces: list[bytes]) -> None: ...
     def on_response_end(self, reusable: bool) -> None: ...
+    def on_response_complete(self, resp: ResponseHead, body: bytes, reusable: bool) -> None: ...
     def on_upstream_error(self, exc: ProxyError, retryable: bool) -> None: ...
     def on_upstream_writable(self, writable: bool) -> None: ...
 
@@ -107,10 +108,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()  # bytes on an idle connection: the upstream is confused; never reuse it
             return
         self._got_bytes = True
-        self.deadline.set(self.pool.cfg.read_timeout)
         if self._state == _HEAD:
             self._head(ex, data)
         elif self._state == _BODY:
+            self.deadline.set(self.pool.cfg.read_timeout)
             self._body(ex, data)
 
     def _head(self, ex: Exchange, data: bytes) -> None:
@@ -121,6 +122,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self._error(UpstreamProtocolError("response head too large"))
             else:
                 self._buf = buf
+                self.deadline.set(self.pool.cfg.read_timeout)
             return
         self._buf = b""
         try:
@@ -136,6 +138,14 @@ class UpstreamConnection(asyncio.Protocol):
                 self._error(UpstreamProtocolError("unexpected 1xx response"))
             elif rest:
                 self._head(ex, rest)
+            return
+        cl = resp.content_length
+        if cl is not None and len(rest) == cl and cl and not self._no_body and resp.status not in (204, 304):
+            # The whole response is here: hand it over in one call (no per-piece bookkeeping, one write).
+            self._state = _IDLE
+            self.exchange = None
+            self.deadline.clear()
+            ex.on_response_complete(resp, rest, resp.keep_alive and not self.closed)
             return
         self._keep_alive = resp.keep_alive
         no_body = self._no_body or resp.status in (204, 304)
@@ -156,10 +166,11 @@ class UpstreamConnection(asyncio.Protocol):
         if no_body:
             self._end(ex, reusable=not rest)
         else:
+            self.deadline.set(self.pool.cfg.read_timeout)
             self._body(ex, rest)
 
     def _body(self, ex: Exchange, data: bytes) -> None:
-        if self._decoder is not None:
+        if self._decoder is not None:  # (the caller has moved the read deadline)
             try:
                 pieces, rest = self._decoder.feed(data) if data else ([], None)
             except UpstreamProtocolError as exc:

@@ -54,16 +54,10 @@ def connection_block(upstream: bytes, identity: Identity, client_addr: str, vpce
     return b"".join(lines)
 
 
-def request_head(method: str, target: bytes, lines: list[bytes], block: bytes, chunked: bool) -> bytes:
+def request_head(method: str, target: bytes, fields: bytes, block: bytes, chunked: bool) -> bytes:
     """The head sent upstream: HTTP/1.1 always, the client's end-to-end lines, then the proxy's block."""
-    parts = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
-    if lines:
-        parts += [b"\r\n".join(lines), b"\r\n"]
-    parts.append(block)
-    if chunked:
-        parts.append(b"Transfer-Encoding: chunked\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
+    return b"".join((method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n", fields, block,
+                     CHUNKED_LINE if chunked else b"", b"\r\n"))
 
 
 CHUNKED_LINE = b"Transfer-Encoding: chunked\r\n"
@@ -71,10 +65,10 @@ CLOSE_LINE = b"Connection: close\r\n"
 KEEP_ALIVE_LINE = b"Connection: keep-alive\r\n"
 
 
-def response_head(status: int, reason: bytes, lines: list[bytes], extra: bytes) -> bytes:
+def response_head(status: int, reason: bytes, fields: bytes, extra: bytes) -> bytes:
     """The head sent to the client: the upstream's end-to-end lines plus framing/connection lines."""
-    parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
-    if lines:
-        parts += [b"\r\n".join(lines), b"\r\n"]
-    parts += [extra, b"\r\n"]
-    return b"".join(parts)
+    return b"".join((_STATUS_LINES.get(status) or b"HTTP/1.1 %d " % status, reason, b"\r\n", fields, extra,
+                     b"\r\n"))
+
+
+_STATUS_LINES = {code: b"HTTP/1.1 %d " % code for code in range(100, 600)}

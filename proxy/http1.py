@@ -57,13 +57,13 @@ _H_DROP, _H_CL, _H_TE, _H_HOST, _H_CONN, _H_EXPECT = range(6)
 
 
 class RequestHead:
-    """A parsed request head.  ``lines`` are the raw header lines to forward (CRLF-less)."""
+    """A parsed request head.  ``fields`` are the raw header lines to forward, each ending in CRLF."""
 
     __slots__ = ("method", "target", "path", "query", "http11", "keep_alive", "content_length", "chunked",
-                 "expect_continue", "lines")
+                 "expect_continue", "fields")
 
     def __init__(self, method: str, target: bytes, path: str, query: bytes, http11: bool, keep_alive: bool,
-                 content_length: int | None, chunked: bool, expect_continue: bool, lines: list[bytes]) -> None:
+                 content_length: int | None, chunked: bool, expect_continue: bool, fields: bytes) -> None:
         self.method = method
         self.target = target
         self.path = path
@@ -73,7 +73,7 @@ class RequestHead:
         self.content_length = content_length
         self.chunked = chunked
         self.expect_continue = expect_continue
-        self.lines = lines
+        self.fields = fields
 
     @property
     def has_body(self) -> bool:
@@ -81,19 +81,19 @@ class RequestHead:
 
 
 class ResponseHead:
-    """A parsed upstream response head; ``lines`` are the end-to-end header lines to pass on."""
+    """A parsed upstream response head; ``fields`` are the end-to-end header lines (CRLF-terminated)."""
 
-    __slots__ = ("status", "reason", "http11", "keep_alive", "content_length", "chunked", "lines")
+    __slots__ = ("status", "reason", "http11", "keep_alive", "content_length", "chunked", "fields")
 
     def __init__(self, status: int, reason: bytes, http11: bool, keep_alive: bool, content_length: int | None,
-                 chunked: bool, lines: list[bytes]) -> None:
+                 chunked: bool, fields: bytes) -> None:
         self.status = status
         self.reason = reason
         self.http11 = http11
         self.keep_alive = keep_alive
         self.content_length = content_length
         self.chunked = chunked
-        self.lines = lines
+        self.fields = fields
 
 
 def find_head_end(buf: bytes | bytearray, limit: int = MAX_HEAD) -> int:
@@ -117,19 +117,6 @@ def find_head_end(buf: bytes | bytearray, limit: int = MAX_HEAD) -> int:
     return -1
 
 
-def _split_head(head: bytes) -> tuple[bytes, list[bytes]]:
-    """Request/status line and the header lines of a complete head (ending in CRLF CRLF)."""
-    first = head.find(b"\r\n")
-    block = head[first + 2:-2]  # every header line still ends in CRLF
-    if _HEADER_BLOCK.fullmatch(block) is None:
-        raise BadRequest(_diagnose(block))
-    lines = block.split(b"\r\n")
-    lines.pop()  # the empty string after the last CRLF
-    if len(lines) > MAX_HEADERS:
-        raise HeadersTooLarge(f"more than {MAX_HEADERS} header fields")
-    return head[:first], lines
-
-
 def _diagnose(block: bytes) -> str:
     """Say which rule a rejected header block broke (cold path, only on refusal)."""
     for line in block.split(b"\r\n")[:-1]:
@@ -150,15 +137,67 @@ def _diagnose(block: bytes) -> str:
     return "malformed header block"
 
 
+def _names_regex(names: frozenset[bytes] | set[bytes]) -> re.Pattern[bytes]:
+    """Matches the start of a header line whose name is one of ``names``, also with ``_`` for ``-``.
+
+    Used on a lowercased copy of the head (positions are the same): a case-sensitive pattern keeps the regex
+    engine's literal-prefix search, which ``re.IGNORECASE`` would disable.
+    """
+    alts = sorted((re.escape(n).replace(b"\\-", b"-").replace(b"-", b"[-_]") for n in names), key=len,
+                  reverse=True)
+    return re.compile(rb"\r\n(" + b"|".join(alts) + rb"):")
+
+
+_REQUEST_NAMES: dict[bytes, int] = {name: _H_DROP for name in HOP_BY_HOP}
+_REQUEST_NAMES.update({b"content-length": _H_CL, b"transfer-encoding": _H_TE, b"host": _H_HOST,
+                       b"connection": _H_CONN, b"expect": _H_EXPECT})
+_SPECIAL_CACHE: dict[frozenset[bytes], re.Pattern[bytes]] = {}
+
+
+def _special_request_names(drop: frozenset[bytes]) -> re.Pattern[bytes]:
+    pattern = _SPECIAL_CACHE.get(drop)
+    if pattern is None:  # compiled once per distinct drop set (the proxy has exactly one)
+        pattern = _SPECIAL_CACHE[drop] = _names_regex(set(_REQUEST_NAMES) | drop)
+    return pattern
+
+
+def _cut(head: bytes, begin: int, end: int, cuts: list[tuple[int, int]]) -> bytes:
+    """``head[begin:end]`` without the spans in ``cuts`` (sorted, inside the range)."""
+    if not cuts:
+        return head[begin:end]
+    parts = []
+    pos = begin
+    for a, b in cuts:
+        parts.append(head[pos:a])
+        pos = b
+    parts.append(head[pos:end])
+    return b"".join(parts)
+
+
+def _drop_named(fields: bytes, names: set[bytes]) -> bytes:
+    """Remove the lines whose (lowercase) name is in ``names`` (cold path: Connection named extra fields)."""
+    kept = [ln for ln in fields.split(b"\r\n")[:-1] if ln[:ln.index(b":")].lower() not in names]
+    return b"".join(ln + b"\r\n" for ln in kept)
+
+
 def parse_request_head(head: bytes, drop: frozenset[bytes] = frozenset()) -> RequestHead:
     """Parse a complete request head (through the blank line), strictly.
 
     ``drop`` holds lowercase names (with ``-``) removed before forwarding in addition to hop-by-hop ones; a name
-    sent with ``_`` in place of ``-`` is dropped too, because some servers treat the two as the same header.
+    sent with ``_`` in place of ``-`` is dropped too (never interpreted), because some servers treat the two
+    spellings as the same header.  Per request, Python only looks at the lines one regex finds interesting
+    (framing, Host, Connection, Expect, hop-by-hop, dropped names); every other line is forwarded untouched as
+    part of one ``fields`` block.
     """
     while head.startswith(b"\r\n"):  # RFC 9112 §2.2: ignore empty lines before the request line
         head = head[2:]
-    line, lines = _split_head(head)
+    first = head.find(b"\r\n")
+    line = head[:first]
+    block = head[first + 2:-2]  # every header line still ends in CRLF
+    if _HEADER_BLOCK.fullmatch(block) is None:
+        raise BadRequest(_diagnose(block))
+    if len(block) > 4 * MAX_HEADERS and block.count(b"\r\n") > MAX_HEADERS:  # a line is at least 4 bytes
+        raise HeadersTooLarge(f"more than {MAX_HEADERS} header fields")
     if len(line) > MAX_REQUEST_LINE:
         raise UriTooLong("request line too long")
     parts = line.split(b" ")
@@ -188,33 +227,29 @@ def parse_request_head(head: bytes, drop: frozenset[bytes] = frozenset()) -> Req
     conn_tokens: list[bytes] = []
     hosts = 0
     expect_continue = False
-    fwd: list[bytes] = []
-    fwd_names: list[bytes] = []
+    cuts: list[tuple[int, int]] = []
     classify = _REQUEST_NAMES
-    for hline in lines:
-        colon = hline.index(b":")
-        lname = hline[:colon].lower()
-        if b"_" in lname:
-            alias = lname.replace(b"_", b"-")
-            if alias in drop or alias in classify:
-                continue  # never forward an underscore twin of a header we own or interpret
-        kind = classify.get(lname)
-        if kind is None:
-            if lname in drop:
-                continue
-            fwd.append(hline)
-            fwd_names.append(lname)
+    low = head.lower()
+    for m in _special_request_names(drop).finditer(low, first):
+        name = m.group(1)
+        line_end = head.index(b"\r\n", m.end()) + 2
+        if b"_" in name:
+            cuts.append((m.start() + 2, line_end))  # an underscore twin: dropped, never interpreted
             continue
-        value = hline[colon + 1:].strip(b" \t")
+        kind = classify.get(name, _H_DROP)
         if kind == _H_CL:
+            value = head[m.end():line_end - 2].strip(b" \t")
             if content_length is not None:
                 raise BadRequest("duplicate Content-Length")
             if not value.isdigit() or len(value) > 18:
                 raise BadRequest("invalid Content-Length")
             content_length = int(value)
-            fwd.append(hline)
-            fwd_names.append(lname)
-        elif kind == _H_TE:
+            continue  # forwarded as sent
+        cuts.append((m.start() + 2, line_end))
+        if kind == _H_DROP:
+            continue
+        value = head[m.end():line_end - 2].strip(b" \t")
+        if kind == _H_TE:
             te_values.append(value)
         elif kind == _H_HOST:
             hosts += 1
@@ -224,7 +259,6 @@ def parse_request_head(head: bytes, drop: frozenset[bytes] = frozenset()) -> Req
             if value.lower() != b"100-continue":
                 raise ExpectationFailed("only Expect: 100-continue is supported")
             expect_continue = True
-        # _H_DROP: hop-by-hop, removed
 
     if http11 and hosts != 1:
         raise BadRequest("exactly one Host header is required" if hosts else "missing Host header")
@@ -249,28 +283,29 @@ def parse_request_head(head: bytes, drop: frozenset[bytes] = frozenset()) -> Req
         keep_alive = b"close" not in conn_tokens
     else:
         keep_alive = b"keep-alive" in conn_tokens and b"close" not in conn_tokens
+    fields = _cut(head, first + 2, len(head) - 2, cuts)
     if conn_tokens:
         extra = set(conn_tokens) - {b"close", b"keep-alive", b""}
         if extra:  # RFC 9110 §7.6.1: fields named in Connection are hop-by-hop too
-            fwd = [ln for ln, n in zip(fwd, fwd_names) if n not in extra]
+            fields = _drop_named(fields, extra)
     if expect_continue and not (chunked or content_length):
         expect_continue = False  # nothing to wait for
     return RequestHead(method_b.decode("ascii"), target, path_b.decode("ascii"), query, http11, keep_alive,
-                       content_length, chunked, expect_continue, fwd)
+                       content_length, chunked, expect_continue, fields)
 
 
-_REQUEST_NAMES: dict[bytes, int] = {name: _H_DROP for name in HOP_BY_HOP}
-_REQUEST_NAMES.update({b"content-length": _H_CL, b"transfer-encoding": _H_TE, b"host": _H_HOST,
-                       b"connection": _H_CONN, b"expect": _H_EXPECT})
+_RESPONSE_SPECIAL = _names_regex(HOP_BY_HOP | {b"content-length"})
 
 
 def parse_response_head(head: bytes) -> ResponseHead:
     """Parse an upstream response head; anything ambiguous is an ``UpstreamProtocolError`` (502)."""
-    try:
-        line, lines = _split_head(head)
-    except (BadRequest, HeadersTooLarge) as exc:
-        raise UpstreamProtocolError(f"bad response head: {exc.detail}") from None
-    m = _STATUS_LINE.fullmatch(line)
+    first = head.find(b"\r\n")
+    block = head[first + 2:-2]
+    if _HEADER_BLOCK.fullmatch(block) is None:
+        raise UpstreamProtocolError(f"bad response head: {_diagnose(block)}")
+    if len(block) > 4 * MAX_HEADERS and block.count(b"\r\n") > MAX_HEADERS:
+        raise UpstreamProtocolError(f"bad response head: more than {MAX_HEADERS} header fields")
+    m = _STATUS_LINE.fullmatch(head, 0, first)
     if m is None:
         raise UpstreamProtocolError("bad status line")
     http11 = m.group(1) == b"1"
@@ -280,42 +315,41 @@ def parse_response_head(head: bytes) -> ResponseHead:
     chunked = False
     te_seen = False
     conn_tokens: list[bytes] = []
-    fwd: list[bytes] = []
-    fwd_names: list[bytes] = []
-    for hline in lines:
-        colon = hline.index(b":")
-        lname = hline[:colon].lower()
-        if lname == b"content-length":
-            value = hline[colon + 1:].strip(b" \t")
+    cuts: list[tuple[int, int]] = []
+    low = head.lower()
+    for m in _RESPONSE_SPECIAL.finditer(low, first):
+        name = m.group(1)
+        line_end = head.index(b"\r\n", m.end()) + 2
+        if name == b"content-length":
+            value = head[m.end():line_end - 2].strip(b" \t")
             if not value.isdigit() or len(value) > 18:
                 raise UpstreamProtocolError("invalid Content-Length in response")
             n = int(value)
-            if content_length is not None and n != content_length:
-                raise UpstreamProtocolError("conflicting Content-Length in response")
-            if content_length is None:
-                fwd.append(hline)
-                fwd_names.append(lname)
+            if content_length is not None:
+                if n != content_length:
+                    raise UpstreamProtocolError("conflicting Content-Length in response")
+                cuts.append((m.start() + 2, line_end))  # an identical repeat (RFC 9110 §8.6): send it once
             content_length = n
-        elif lname == b"transfer-encoding":
-            te_seen = True
-            codings = [c.strip(b" \t").lower() for c in hline[colon + 1:].split(b",")]
-            if codings != [b"chunked"] or chunked:
-                raise UpstreamProtocolError("unsupported transfer coding in response")
-            chunked = True
-        elif lname == b"connection":
-            conn_tokens.extend(t.strip(b" \t").lower() for t in hline[colon + 1:].split(b","))
-        elif lname in HOP_BY_HOP:
             continue
-        else:
-            fwd.append(hline)
-            fwd_names.append(lname)
+        cuts.append((m.start() + 2, line_end))
+        if b"_" in name:
+            continue
+        if name == b"transfer-encoding":
+            codings = [c.strip(b" \t").lower() for c in head[m.end():line_end - 2].split(b",")]
+            if codings != [b"chunked"] or te_seen:
+                raise UpstreamProtocolError("unsupported transfer coding in response")
+            te_seen = chunked = True
+        elif name == b"connection":
+            conn_tokens.extend(t.strip(b" \t").lower() for t in head[m.end():line_end - 2].split(b","))
     if te_seen and content_length is not None:
         raise UpstreamProtocolError("both Content-Length and Transfer-Encoding in response")
     keep_alive = (b"close" not in conn_tokens) if http11 else (b"keep-alive" in conn_tokens)
-    extra = set(conn_tokens) - {b"close", b"keep-alive", b""}
-    if extra:
-        fwd = [ln for ln, n in zip(fwd, fwd_names) if n not in extra]
-    return ResponseHead(status, reason, http11, keep_alive, content_length, chunked, fwd)
+    fields = _cut(head, first + 2, len(head) - 2, cuts)
+    if conn_tokens:
+        extra = set(conn_tokens) - {b"close", b"keep-alive", b""}
+        if extra:
+            fields = _drop_named(fields, extra)
+    return ResponseHead(status, reason, http11, keep_alive, content_length, chunked, fields)
 
 
 class ChunkedDecoder:

@@ -133,6 +133,11 @@ class Listener:
                 log.info("tls handshake failed", extra={"fields": {
                     "client": client_addr, "vpce": vpce_id, "reason": reason,
                     "detail": handshake_failure_detail(exc)}})
+                if isinstance(exc, ssl.SSLError):
+                    # OpenSSL sent the alert.  A reset right behind it can overtake a TLS 1.3 client, which has
+                    # finished its side of the handshake (RFC 8446 §4.4.2) and reads only after sending its
+                    # request: curl then fails with "getpeername() failed" (exit 55) instead of naming the alert.
+                    srv.lingerer.start(sock)
                 return
             try:
                 peer = rt.peer(sock.getpeercert(binary_form=True), client_addr, vpce_id)  # type: ignore[attr-defined]
@@ -141,7 +146,7 @@ class Listener:
                                                                              "error": str(exc)}})
                 return
             proto = ClientConnection(srv, peer)
-            transport = TLSTransport(loop, sock, proto)  # type: ignore[arg-type]
+            transport = TLSTransport(loop, sock, proto, lingerer=srv.lingerer)  # type: ignore[arg-type]
             sock = None  # type: ignore[assignment]
             transport.start()
         except OSError:
@@ -149,8 +154,7 @@ class Listener:
         finally:
             if sock is not None:
                 abort_socket(sock)
-                srv.active -= 1
-                srv.metrics.connections_active = srv.active
+                srv.slot_released()  # may be the last socket a drain waits for (e.g. cancelled mid-handshake)
 
     def close(self) -> None:
         self.sock.close()

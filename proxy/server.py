@@ -35,6 +35,7 @@ from .listener import Listener, bind
 from .metrics import Metrics
 from .runtime import Runtime, build_runtime
 from .supervisor import WorkerControl
+from .transport import Lingerer
 
 log = logging.getLogger("mtls_proxy")
 
@@ -50,6 +51,7 @@ class ProxyServer:
         self.runtime: Runtime = None  # type: ignore[assignment]
         self.pool: UpstreamPool = None  # type: ignore[assignment]
         self.access_log: AccessLog = None  # type: ignore[assignment]
+        self.lingerer: Lingerer = None  # type: ignore[assignment]
         self.connections: set[ClientConnection] = set()
         self.active = 0  # accepted sockets not yet closed, including those still handshaking
         self.draining = False
@@ -70,6 +72,7 @@ class ProxyServer:
         self._stamps = _stamp_all(self.cfg.watched_files)
         self.pool = UpstreamPool(self.loop, self.cfg.upstream, self.runtime.upstream_context)
         self.access_log = AccessLog(self.loop, self._access_fd)
+        self.lingerer = Lingerer(self.loop)
         listen = self.cfg.server.listen
         if sock is None:
             sock = bind(listen.host, listen.port, reuse_port=self.cfg.server.workers > 1)
@@ -86,6 +89,10 @@ class ProxyServer:
 
     def connection_closed(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
+        self.slot_released()
+
+    def slot_released(self) -> None:
+        """An accepted socket is gone, before (listener) or after (connection) TLS; the last one ends a drain."""
         self.active -= 1
         self.metrics.connections_active = self.active
         if self.draining and self.active <= 0:
@@ -151,6 +158,7 @@ class ProxyServer:
             conn.abort()
         self.pool.close()
         await asyncio.sleep(0)  # let connection_lost callbacks run
+        self.lingerer.close_all()
         self.access_log.close()
 
 

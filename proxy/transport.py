@@ -1,8 +1,8 @@
 """TLS over a non-blocking ``ssl.SSLSocket``: the handshake coroutine and an asyncio transport.
 
 Owns: driving OpenSSL directly on the socket (socket BIO) for both the client-facing and the upstream legs:
-the handshake with a deadline, reads and writes with flow control, close_notify on graceful close, and a TCP
-reset on abort.
+the handshake with a deadline, reads and writes with flow control, close_notify on graceful close, a TCP
+reset on abort, and lingering closes (after a refused handshake or an error answer: the peer reads it).
 
 Why not asyncio's own SSL transport: (1) when a handshake fails (bad client certificate) asyncio and uvloop drop
 the connection without flushing the TLS alert OpenSSL produced, so a partner's curl says "connection reset"
@@ -70,15 +70,80 @@ def abort_socket(sock: socket.socket) -> None:
     sock.close()
 
 
+LINGER_TIMEOUT = 2.0  # seconds a refused client gets to read our alert or error answer before we close anyway
+_LINGER_BYTES = 256 * 1024
+
+
+class Lingerer:
+    """Lingering closes (RFC 9112 §9.6) in progress, so a shutdown can end them all.
+
+    After the proxy answers an error and closes, the client may still be sending (a body the proxy refused).
+    Closing a socket with unread input makes the kernel send a reset, which can destroy the error response
+    before the client reads it.  So: close_notify, shut down our sending side, discard what still arrives for up
+    to ``timeout`` seconds or ``budget`` bytes, then close.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float = LINGER_TIMEOUT,
+                 budget: int = 16 * 1024 * 1024) -> None:
+        self._loop = loop
+        self._timeout = timeout
+        self._budget = budget
+        self._open: dict[int, tuple[socket.socket, asyncio.TimerHandle]] = {}
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def start(self, sock: socket.socket) -> None:
+        raw = socket.socket(fileno=sock.detach())
+        fd = raw.fileno()
+        try:
+            raw.setblocking(False)
+            raw.shutdown(socket.SHUT_WR)
+        except OSError:
+            raw.close()
+            return
+        budget = [self._budget]
+
+        def readable() -> None:
+            try:
+                data = raw.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            budget[0] -= len(data)
+            if not data or budget[0] <= 0:
+                self._end(fd)
+
+        self._open[fd] = (raw, self._loop.call_later(self._timeout, self._end, fd))
+        self._loop.add_reader(fd, readable)
+
+    def _end(self, fd: int) -> None:
+        entry = self._open.pop(fd, None)
+        if entry is None:
+            return
+        raw, timer = entry
+        timer.cancel()
+        self._loop.remove_reader(fd)
+        raw.close()
+
+    def close_all(self) -> None:
+        for fd in list(self._open):
+            self._end(fd)
+
+
 class TLSTransport(asyncio.Transport):
     """An established TLS connection driven by loop readiness callbacks on its file descriptor."""
 
     __slots__ = ("_loop", "_sock", "_fd", "_protocol", "_wbuf", "_wsize", "_high", "_low", "_closing",
-                 "_closed", "_reading", "_writer_on", "_read_wants_write", "_protocol_paused", "_peer")
+                 "_closed", "_reading", "_writer_on", "_read_wants_write", "_protocol_paused", "_peer", "_recv",
+                 "_send", "_pending", "_lingerer", "_linger")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, protocol: asyncio.Protocol,
-                 extra: dict[str, Any] | None = None) -> None:
+                 extra: dict[str, Any] | None = None, lingerer: Lingerer | None = None) -> None:
         super().__init__(extra)
+        self._lingerer = lingerer
+        self._linger = False
         self._loop = loop
         self._sock = sock
         self._fd = sock.fileno()
@@ -93,6 +158,13 @@ class TLSTransport(asyncio.Transport):
         self._writer_on = False
         self._read_wants_write = False
         self._protocol_paused = False
+        # The C-level TLS object behind the SSLSocket: SSLSocket.recv/send/pending only add Python-level checks
+        # that cannot fail here (no flags; suppress_ragged_eofs is False), and this is the per-record hot path.
+        tls = getattr(sock, "_sslobj", None)
+        if tls is not None and hasattr(tls, "read") and hasattr(tls, "write") and not sock.suppress_ragged_eofs:
+            self._recv, self._send, self._pending = tls.read, tls.write, tls.pending
+        else:  # pragma: no cover - other Python implementations
+            self._recv, self._send, self._pending = sock.recv, sock.send, sock.pending
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -119,11 +191,15 @@ class TLSTransport(asyncio.Transport):
     def is_closing(self) -> bool:
         return self._closing or self._closed
 
-    def close(self) -> None:
-        """Graceful: flush what is buffered, send close_notify, close, then ``connection_lost(None)``."""
+    def close(self, linger: bool = False) -> None:
+        """Graceful: flush what is buffered, send close_notify, close, then ``connection_lost(None)``.
+
+        ``linger``: the peer may still be sending (we refused its request): close lingering (see Lingerer).
+        """
         if self._closing or self._closed:
             return
         self._closing = True
+        self._linger = linger and self._lingerer is not None
         self._stop_reading()
         if not self._wbuf:
             self._shutdown()
@@ -154,6 +230,8 @@ class TLSTransport(asyncio.Transport):
             self._loop.remove_writer(self._fd)
         if reset:
             abort_socket(self._sock)
+        elif self._linger and self._lingerer is not None:
+            self._lingerer.start(self._sock)
         else:
             self._sock.close()
         self._loop.call_soon(self._protocol.connection_lost, exc)
@@ -186,11 +264,11 @@ class TLSTransport(asyncio.Transport):
                 self._loop.remove_reader(self._fd)
 
     def _read_ready(self) -> None:
-        sock = self._sock
+        recv = self._recv
         total = 0
         while self._reading:
             try:
-                data = sock.recv(READ_SIZE)
+                data = recv(READ_SIZE)
             except ssl.SSLWantReadError:
                 return
             except ssl.SSLWantWriteError:
@@ -207,7 +285,7 @@ class TLSTransport(asyncio.Transport):
                 return
             self._protocol.data_received(data)
             total += len(data)
-            if len(data) < _BIG_READ and not sock.pending():
+            if len(data) < _BIG_READ and not self._pending():
                 return  # small message: the next readiness event will bring more, skip a WantRead round trip
             if total >= READ_SIZE:
                 if self._reading and not self._closed:
@@ -239,7 +317,7 @@ class TLSTransport(asyncio.Transport):
             self._check_high()
             return
         try:
-            n = self._sock.send(data)
+            n = self._send(data)
         except _WANT:
             n = 0
         except (ssl.SSLError, OSError) as exc:
@@ -285,7 +363,7 @@ class TLSTransport(asyncio.Transport):
             # Retry with a buffer that starts with the same bytes and is no shorter (OpenSSL's retry rule).
             data = self._wbuf[0] if len(self._wbuf) == 1 else b"".join(self._wbuf)
             try:
-                n = self._sock.send(data)
+                n = self._send(data)
             except _WANT:
                 n = 0
             except (ssl.SSLError, OSError) as exc:

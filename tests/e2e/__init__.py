@@ -1,0 +1,1 @@
+"""End-to-end tests: one file per operator-visible behaviour, real TLS, real upstreams, real clients."""
