@@ -5,9 +5,14 @@ draining; never dependent on the upstream, so an API outage cannot take every ta
 Prometheus metrics (text format, or OpenMetrics when the scraper asks for it) from an injected source of
 snapshots on a private registry.
 
-NLB health checks to this port carry a PROXY protocol v2 header when the target group has it enabled, so an
-optional v2 header at the start of a connection is read and dropped before aiohttp sees the bytes (its 12-byte
-signature cannot start an HTTP request).
+NLB health checks to this port carry a PROXY protocol v2 header when the target group has it enabled, so with
+``proxy_protocol`` an optional v2 header at the start of a connection is read and dropped (its 12-byte signature
+cannot start an HTTP request).
+
+Why a small asyncio protocol on ``proxy.http1`` and not aiohttp's server: three fixed GET endpoints do not need
+a web framework, and importing aiohttp's server costs every worker about 14 MB of resident memory (measured:
+issue 5's budget is 40 MB idle per worker).  The strict parser also means the admin port refuses the same
+malformed input as the proxy port.
 
 Must not: expose anything that changes state; it is unauthenticated and plain HTTP (bind it to a private
 address).
@@ -18,109 +23,141 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
+from . import http1
 from . import proxy_protocol as pp
 from .config import Address
+from .errors import ProxyError
 from .metrics import Snapshot, registry_for
 
+IDLE_TIMEOUT = 30.0
+MAX_HEAD = 8 * 1024
 
-class _StripProxyHeader(asyncio.Protocol):
-    """Wraps aiohttp's protocol: removes one leading PROXY v2 header, then passes everything through."""
 
-    def __init__(self, inner: asyncio.Protocol) -> None:
-        self.inner = inner
+class _AdminConnection(asyncio.Protocol):
+    def __init__(self, admin: AdminServer) -> None:
+        self.admin = admin
         self.buf = b""
-        self.passing = False
+        self.expect_proxy = admin.proxy_protocol
         self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.inner.connection_made(transport)
+        self.admin.connections.add(self)
+        self._arm()
 
-    def data_received(self, data: bytes) -> None:
-        if self.passing:
-            self.inner.data_received(data)
-            return
-        buf = self.buf + data
-        sig = pp.SIGNATURE
-        if not sig.startswith(buf[:len(sig)]):
-            self.passing = True  # not a PROXY header: plain HTTP
-            self.buf = b""
-            self.inner.data_received(buf)
-            return
-        if len(buf) < pp.PREFIX_LEN:
-            self.buf = buf
-            return
-        try:
-            total = pp.PREFIX_LEN + pp.remaining_length(buf[:pp.PREFIX_LEN])
-        except pp.ProxyProtocolError:
-            assert self.transport is not None
-            self.transport.close()
-            return
-        if len(buf) < total:
-            self.buf = buf
-            return
-        self.passing = True
-        self.buf = b""
-        if len(buf) > total:
-            self.inner.data_received(buf[total:])
-
-    def eof_received(self) -> bool | None:
-        return self.inner.eof_received()  # type: ignore[attr-defined, no-any-return]
+    def _arm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        assert self.transport is not None
+        self.timer = asyncio.get_running_loop().call_later(IDLE_TIMEOUT, self.transport.close)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.inner.connection_lost(exc)
+        self.admin.connections.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
 
-    def pause_writing(self) -> None:
-        self.inner.pause_writing()
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        buf = self.buf + data
+        if self.expect_proxy:
+            sig = pp.SIGNATURE
+            if sig.startswith(buf[:len(sig)]):
+                if len(buf) < pp.PREFIX_LEN:
+                    self.buf = buf
+                    return
+                try:
+                    total = pp.PREFIX_LEN + pp.remaining_length(buf[:pp.PREFIX_LEN])
+                except pp.ProxyProtocolError:
+                    self.transport.close()
+                    return
+                if len(buf) < total:
+                    self.buf = buf
+                    return
+                buf = buf[total:]
+            self.expect_proxy = False  # only a leading header is tolerated
+        while buf and not self.transport.is_closing():
+            try:
+                end = http1.find_head_end(buf, MAX_HEAD)
+            except ProxyError as exc:
+                self._respond(exc.status, b"bad request\n", close=True)
+                return
+            if end < 0:
+                break
+            head, buf = buf[:end], buf[end:]
+            try:
+                req = http1.parse_request_head(head)
+            except ProxyError as exc:
+                self._respond(exc.status, b"bad request\n", close=True)
+                return
+            self._handle(req, close=not req.keep_alive or req.has_body)
+            self._arm()
+        self.buf = buf
 
-    def resume_writing(self) -> None:
-        self.inner.resume_writing()
+    def _handle(self, req: http1.RequestHead, close: bool) -> None:
+        admin = self.admin
+        if req.method not in ("GET", "HEAD"):
+            self._respond(405, b"method not allowed\n", close)
+            return
+        head_only = req.method == "HEAD"
+        if req.path == "/healthz":
+            self._respond(200, b"ok\n", close, head_only=head_only)
+        elif req.path == "/readyz":
+            if admin.ready():
+                self._respond(200, b"ready\n", close, head_only=head_only)
+            else:
+                self._respond(503, b"not ready\n", close, head_only=head_only)
+        elif req.path == "/metrics":
+            accept = ""
+            for line in req.fields.split(b"\r\n"):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"accept":
+                    accept = value.strip().decode("latin-1")
+            encoder, content_type = choose_encoder(accept)
+            self._respond(200, encoder(admin.registry), close, content_type=content_type, head_only=head_only)
+        else:
+            self._respond(404, b"not found\n", close, head_only=head_only)
+
+    def _respond(self, status: int, body: bytes, close: bool, content_type: str = "text/plain; charset=utf-8",
+                 head_only: bool = False) -> None:
+        assert self.transport is not None
+        reason = _REASONS.get(status, b"Error")
+        head = (b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nCache-Control: no-store\r\n%s\r\n"
+                % (status, reason, content_type.encode(), len(body), b"Connection: close\r\n" if close else b""))
+        self.transport.write(head if head_only else head + body)
+        if close:
+            self.transport.close()
+
+
+_REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+            408: b"Request Timeout", 414: b"URI Too Long", 431: b"Request Header Fields Too Large",
+            503: b"Service Unavailable"}
 
 
 class AdminServer:
     def __init__(self, listen: Address, *, ready: Callable[[], bool], snapshots: Callable[[], list[Snapshot]],
                  proxy_protocol: bool = False) -> None:
         self.listen = listen
-        self._ready = ready
-        self._registry = registry_for(snapshots)
-        self._proxy_protocol = proxy_protocol
+        self.ready = ready
+        self.registry = registry_for(snapshots)
+        self.proxy_protocol = proxy_protocol
+        self.connections: set[_AdminConnection] = set()
         self._server: asyncio.AbstractServer | None = None
-        self._web: web.Server | None = None
         self.address: tuple[str, int] | None = None
-
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        path = request.path
-        if request.method not in ("GET", "HEAD"):
-            return web.Response(status=405, text="method not allowed\n")
-        if path == "/healthz":
-            return web.Response(text="ok\n")
-        if path == "/readyz":
-            if self._ready():
-                return web.Response(text="ready\n")
-            return web.Response(status=503, text="not ready\n")
-        if path == "/metrics":
-            encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-            body = encoder(self._registry)
-            return web.Response(body=body, headers={"Content-Type": content_type})
-        return web.Response(status=404, text="not found\n")
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._web = web.Server(self._handle, access_log=None)
-        factory: Callable[[], asyncio.Protocol] = self._web  # type: ignore[assignment]
-        if self._proxy_protocol:
-            web_factory = self._web
-            factory = lambda: _StripProxyHeader(web_factory())  # noqa: E731
-        self._server = await loop.create_server(factory, self.listen.host, self.listen.port, reuse_address=True)
+        self._server = await loop.create_server(lambda: _AdminConnection(self), self.listen.host, self.listen.port,
+                                                reuse_address=True)
         self.address = self._server.sockets[0].getsockname()[:2]
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-            if self._web is not None:
-                await self._web.shutdown(1.0)
+            for conn in list(self.connections):
+                if conn.transport is not None:
+                    conn.transport.close()
             await self._server.wait_closed()
             self._server = None
