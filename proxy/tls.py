@@ -73,18 +73,32 @@ def _cn(name: x509.Name) -> str:
 
 
 class _PemFile:
-    """PEM text as a private temporary file, for OpenSSL APIs that only take paths (load_cert_chain, CRLs)."""
+    """PEM text behind a path, for OpenSSL APIs that only take paths (load_cert_chain, CRLs).
+
+    On Linux the bytes live in an anonymous memory file (memfd) opened through /proc/self/fd: a private key never
+    touches a disk and nothing is left behind if the process is killed mid-load.  Elsewhere: a 0600 temp file,
+    removed right after loading.
+    """
 
     def __init__(self, data: bytes) -> None:
-        fd, self.path = tempfile.mkstemp(prefix="mtls-proxy-", suffix=".pem")
-        with os.fdopen(fd, "wb") as fh:  # mkstemp creates it 0600
-            fh.write(data)
+        self._fd: int | None = None
+        if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+            self._fd = os.memfd_create("mtls-proxy-pem", os.MFD_CLOEXEC)
+            os.write(self._fd, data)
+            self.path = f"/proc/self/fd/{self._fd}"
+        else:  # pragma: no cover - non-Linux
+            fd, self.path = tempfile.mkstemp(prefix="mtls-proxy-", suffix=".pem")
+            with os.fdopen(fd, "wb") as fh:  # mkstemp creates it 0600
+                fh.write(data)
 
     def __enter__(self) -> str:
         return self.path
 
     def __exit__(self, *exc: object) -> None:
-        os.unlink(self.path)
+        if self._fd is not None:
+            os.close(self._fd)
+        else:  # pragma: no cover - non-Linux
+            os.unlink(self.path)
 
 
 def _libssl() -> ctypes.CDLL:

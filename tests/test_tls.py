@@ -459,3 +459,27 @@ def test_every_reason_is_a_metric_label(exc: BaseException) -> None:
     # The listener indexes a dict pre-filled with HANDSHAKE_REASONS: any other string would be a KeyError.
     assert tls.handshake_failure_reason(exc) in HANDSHAKE_REASONS
     assert tls.handshake_failure_detail(exc)
+
+
+def test_pem_from_environment_never_touches_the_disk(pki: Pki, monkeypatch: pytest.MonkeyPatch,
+                                                     tmp_path: Path) -> None:
+    """env: key material goes through an anonymous memory file: no temp file appears, none can be left behind."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("T_CERT", pki.server_cert.read_text())
+    monkeypatch.setenv("T_KEY", pki.server_key.read_text())
+    monkeypatch.setenv("T_CA", pki.client_ca.read_text())
+    opened: list[str] = []
+    real_open = tls.os.open
+
+    def spy(path: str, *args: object, **kw: object) -> int:
+        opened.append(str(path))
+        return real_open(path, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tls.os, "open", spy)
+    server = ServerConfig(cert=PemSource(env="T_CERT"), key=PemSource(env="T_KEY"), client_ca=PemSource(env="T_CA"))
+    ctx, _ = tls.build_server_context(server)
+    assert ctx.verify_mode == ssl.CERT_REQUIRED
+    assert list(tmp_path.iterdir()) == []
+    assert not any(p.endswith(".pem") for p in opened)
