@@ -9,14 +9,22 @@ unless the path starts with the stage (``/prod``).  Under the stage:
 - ``*    /{stage}/...``         echoes ``method``, ``path`` (raw, with query), every received header (as a list of
                                 pairs, duplicates kept) and the body's length and sha256.
 
+``python -m proxy.demo_upstream --listen HOST:PORT --cert FILE --key FILE [--api-id ID] [--stage NAME]`` serves it
+as a process until SIGTERM or SIGINT (the compose stack and the container test run it that way).
+
 Must not: be used as anything but a demo or test upstream.
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import hashlib
 import json
+import signal
 import ssl
+import sys
+from collections.abc import Sequence
 
 from aiohttp import web
 
@@ -90,3 +98,52 @@ async def start(host: str, port: int, cert: str, key: str, api_id: str = "demo",
     site = web.TCPSite(runner, host, port, ssl_context=server_context(cert, key))
     await site.start()
     return runner
+
+
+def _listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+async def serve(host: str, port: int, cert: str, key: str, api_id: str, stage: str) -> int:
+    """Serve until SIGTERM or SIGINT; the handlers only set an event."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = await start(host, port, cert, key, api_id, stage)
+    print(f"demo upstream (api id {api_id!r}, stage {stage!r}) listening on https://{host}:{port}/", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m proxy.demo_upstream",
+                                description="A stand-in for a private API Gateway REST API (demo and tests only).")
+    p.add_argument("--listen", type=_listen, default=("127.0.0.1", 9443), metavar="HOST:PORT",
+                   help="address to listen on (default 127.0.0.1:9443)")
+    p.add_argument("--cert", required=True, help="server certificate chain (PEM), e.g. upstream.crt of certs init")
+    p.add_argument("--key", required=True, help="its private key (PEM)")
+    p.add_argument("--api-id", default="demo", help="the API id Host or x-apigw-api-id must name (default demo)")
+    p.add_argument("--stage", default="prod", help="the stage every path must start with (default prod)")
+    args = p.parse_args(argv)
+    host, port = args.listen
+    try:
+        server_context(args.cert, args.key)  # one clear line for a bad pair, before anything starts
+    except (OSError, ssl.SSLError) as exc:
+        print(f"error: cannot load --cert {args.cert} / --key {args.key}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    try:
+        return asyncio.run(serve(host, port, args.cert, args.key, args.api_id, args.stage))
+    except OSError as exc:
+        print(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -341,9 +341,9 @@ def spawn_proxy(config_path: Path, tmp: Path, env: dict[str, str] | None = None,
     """Run ``python -m proxy serve --config`` and wait until ``/readyz`` answers 200."""
     cfg = config_mod.load(config_path, {**os.environ, **(env or {})})
     out, err = tmp / f"proxy-{time.monotonic_ns()}.out", tmp / f"proxy-{time.monotonic_ns()}.err"
-    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config_path)],
-                            stdout=out.open("wb"), stderr=err.open("wb"), cwd=ROOT,
-                            env={**os.environ, **(env or {})})
+    with out.open("wb") as out_fh, err.open("wb") as err_fh:  # the child has its own copies of the fds
+        proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config_path)],
+                                stdout=out_fh, stderr=err_fh, cwd=ROOT, env={**os.environ, **(env or {})})
     pp = ProxyProcess(proc, cfg, out, err)
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
