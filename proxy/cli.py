@@ -62,6 +62,9 @@ def _load(path: str | None) -> config_mod.Config | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # A SIGHUP (reload) that arrives before the event loop installs its handler must not kill the process with
+    # the default action: a supervisor forwards SIGHUP to workers that may still be starting.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     cfg = _load(args.config)
     if cfg is None:
         return 1

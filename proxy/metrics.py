@@ -22,9 +22,15 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from .proxy_protocol import REASONS as PROXY_PROTOCOL_REASONS
+
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 HANDSHAKE_REASONS = ("no_cert", "untrusted", "expired", "revoked", "bad_purpose", "protocol", "timeout", "other")
+# The other bounded label sets, exported as zero-valued series from the start: a series that appears only with
+# its first event hides that event from rate()/increase() (Prometheus "Instrumentation: avoid missing metrics").
+DENIED_REASONS = ("no_rule_for_client", "method_not_allowed", "path_not_allowed")  # policy.REASONS - "allowed"
+UPSTREAM_ERROR_KINDS = ("connect", "tls", "protocol", "closed", "timeout", "other")  # errors.UpstreamError.kind
 
 Snapshot = dict[str, Any]
 
@@ -49,11 +55,11 @@ class Metrics:
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, str], int] = {}
-        self.denied: dict[str, int] = {}
-        self.upstream_errors: dict[str, int] = {}
+        self.denied: dict[str, int] = dict.fromkeys(DENIED_REASONS, 0)
+        self.upstream_errors: dict[str, int] = dict.fromkeys(UPSTREAM_ERROR_KINDS, 0)
         self.handshake_failures: dict[str, int] = dict.fromkeys(HANDSHAKE_REASONS, 0)
         self.reloads: dict[str, int] = {"success": 0, "error": 0}
-        self.proxy_protocol_errors: dict[str, int] = {}
+        self.proxy_protocol_errors: dict[str, int] = dict.fromkeys(sorted(PROXY_PROTOCOL_REASONS), 0)
         self.connections_total = 0
         self.connections_active = 0
         self.connections_rejected = 0
@@ -146,11 +152,8 @@ def families(snap: Snapshot) -> Iterator[Metric]:
                     "cert", snap["cert_expiry"])
     yield _labelled(CounterMetricFamily, "mtls_proxy_reloads", "Certificate/rule reloads by result.", "result",
                     snap["reloads"])
-    pp = CounterMetricFamily("mtls_proxy_proxy_protocol_errors", "Connections closed for a bad PROXY header.",
-                             labels=["reason"])
-    for k, v in snap["proxy_protocol_errors"].items():
-        pp.add_metric([k], v)
-    yield pp
+    yield _labelled(CounterMetricFamily, "mtls_proxy_proxy_protocol_errors",
+                    "Connections closed for a bad PROXY header, by reason.", "reason", snap["proxy_protocol_errors"])
 
 
 def _labelled(cls: Any, name: str, doc: str, label: str, values: dict[str, float]) -> Metric:

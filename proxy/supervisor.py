@@ -158,6 +158,7 @@ async def _supervise(cfg: Config, argv: list[str]) -> int:
             assert w.proc is not None
             code = await w.proc.wait()
             w.close()
+            cache["ready"] = False  # do not wait for the next poll: /readyz must not report a dead worker ready
             if stopping:
                 return
             w.restarts += 1
