@@ -437,7 +437,7 @@ def _build(values: dict[str, dict[str, Any]], top: dict[str, Any], rules: tuple[
     log = LogConfig(**values["log"])
     if log.level not in _LEVELS:
         c.add("log.level", f"must be one of {', '.join(_LEVELS)}")
-    if admin.listen == server.listen:
+    if admin.listen == server.listen and server.listen.port != 0:  # port 0: each gets its own free port
         c.add("admin.listen", "must differ from server.listen")
 
     for src_key, src in (("server.cert", server.cert), ("server.key", server.key),

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mtls_proxy")
 
 
-def bind(host: str, port: int, reuse_port: bool = False, backlog: int = 1024) -> socket.socket:
+def bind(host: str, port: int, reuse_port: bool = False, backlog: int = 1024, listen: bool = True) -> socket.socket:
     """A non-blocking listening socket (SO_REUSEPORT when several workers share the port)."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, _, _, _, addr = infos[0]
@@ -42,7 +42,8 @@ def bind(host: str, port: int, reuse_port: bool = False, backlog: int = 1024) ->
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind(addr)
-        sock.listen(backlog)
+        if listen:
+            sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:
         sock.close()

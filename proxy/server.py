@@ -211,6 +211,8 @@ async def run(cfg: Config, *, control_fd: int | None = None) -> int:
         if admin is not None:
             await admin.stop()
         raise
+    if admin is not None and admin.address is not None:
+        log.info("admin listening", extra={"fields": {"address": f"{admin.address[0]}:{admin.address[1]}"}})
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_now.set)

@@ -25,6 +25,7 @@ from typing import Any
 
 from .admin import AdminServer
 from .config import Config
+from .listener import bind
 
 log = logging.getLogger("mtls_proxy")
 CONTROL_ENV = "MTLS_WORKER_CONTROL_FD"
@@ -39,9 +40,9 @@ class Worker:
         self.last: dict[str, Any] = {"ready": False, "metrics": None}
         self.restarts = 0
 
-    async def start(self, argv: list[str]) -> None:
+    async def start(self, argv: list[str], env_extra: dict[str, str]) -> None:
         parent, child = socket.socketpair()
-        env = {**os.environ, CONTROL_ENV: str(child.fileno())}
+        env = {**os.environ, **env_extra, CONTROL_ENV: str(child.fileno())}
         self.proc = await asyncio.create_subprocess_exec(*argv, env=env, pass_fds=(child.fileno(),))
         child.close()
         parent.setblocking(False)
@@ -134,8 +135,17 @@ async def _supervise(cfg: Config, argv: list[str]) -> int:
     admin = AdminServer(cfg.admin.listen, proxy_protocol=cfg.server.proxy_protocol,
                         ready=lambda: cache["ready"] and not stopping, snapshots=lambda: cache["snaps"])
     await admin.start()
+    assert admin.address is not None
+    log.info("admin listening", extra={"fields": {"address": _fmt(admin.address)}})
+    # Reserve the port (bound with SO_REUSEPORT, never listening, so it takes no connections): a port-0 listen
+    # becomes one concrete port every worker binds, and no other process can take it between worker restarts.
+    listen = cfg.server.listen
+    reserve = bind(listen.host, listen.port, reuse_port=True, listen=False)
+    port = reserve.getsockname()[1]
+    host = f"[{listen.host}]" if ":" in listen.host else listen.host
+    env_extra = {"MTLS_PROXY_SERVER_LISTEN": f"{host}:{port}"}
     for w in workers:
-        await w.start(argv)
+        await w.start(argv, env_extra)
     refresher = loop.create_task(refresh())
 
     def forward(sig: signal.Signals) -> None:
@@ -167,7 +177,7 @@ async def _supervise(cfg: Config, argv: list[str]) -> int:
             await asyncio.sleep(min(5.0, 0.1 * 2 ** min(w.restarts, 6)))
             if stopping:
                 return
-            await w.start(argv)
+            await w.start(argv, env_extra)
 
     keepers = [loop.create_task(keep_alive(w)) for w in workers]
     await stop.wait()
@@ -180,8 +190,13 @@ async def _supervise(cfg: Config, argv: list[str]) -> int:
     refresher.cancel()
     for w in workers:
         w.close()
+    reserve.close()
     await admin.stop()
     return 0
+
+
+def _fmt(addr: tuple[str, int]) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
 
 
 def supervise(cfg: Config) -> int:

@@ -56,13 +56,15 @@ def write_config(path: Path, pki: Pki, upstream_port: int, *, server: dict[str, 
                  rules: list[dict[str, Any]] | None = None, top: dict[str, Any] | None = None,
                  log: dict[str, Any] | None = None) -> Path:
     """A TOML config for the test PKI; sections are merged over sensible test defaults."""
-    srv = {"listen": f"127.0.0.1:{free_port()}", "cert": str(pki.server_cert), "key": str(pki.server_key),
+    # Port 0: the kernel picks free ports at bind time (no race with other processes between choosing and
+    # binding); the in-process proxy reports them in server.address, a spawned one in its "listening" log lines.
+    srv = {"listen": "127.0.0.1:0", "cert": str(pki.server_cert), "key": str(pki.server_key),
            "client_ca": str(pki.client_ca), "crl": str(pki.crl_bundle), "reload_interval": 0}
     srv.update(server or {})
     up = {"url": "https://api.test/prod", "connect_to": f"127.0.0.1:{upstream_port}", "api_id": "api",
           "ca_bundle": str(pki.upstream_ca), "connect_timeout": 3.0, "read_timeout": 5.0}
     up.update(upstream or {})
-    adm = {"listen": f"127.0.0.1:{free_port()}"}
+    adm = {"listen": "127.0.0.1:0"}
     adm.update(admin or {})
     if rules is None:
         rules = [{"name": "partner-a", "subject_cn": ["client-a"]}]
@@ -224,12 +226,11 @@ def get(path: str = "/", host: str = "example.test", extra: bytes = b"") -> byte
 
 
 async def start_demo_upstream(pki: Pki, which: str = "good") -> tuple[Any, int]:
-    port = free_port()
     cert, key = {"good": (pki.upstream_cert, pki.upstream_key),
                  "wrong_name": (pki.upstream_wrong_name_cert, pki.upstream_wrong_name_key),
                  "untrusted": (pki.upstream_untrusted_cert, pki.upstream_untrusted_key)}[which]
-    runner = await demo_upstream.start("127.0.0.1", port, str(cert), str(key), api_id="api", stage="prod")
-    return runner, port
+    runner = await demo_upstream.start("127.0.0.1", 0, str(cert), str(key), api_id="api", stage="prod")
+    return runner, runner.addresses[0][1]
 
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -297,15 +298,35 @@ class ProxyProcess:
     cfg: config_mod.Config
     stdout_path: Path
     stderr_path: Path
+    bound_port: int = 0  # what the process reported in its "listening" / "admin listening" log lines
+    bound_admin_port: int = 0
 
     @property
     def port(self) -> int:
-        return self.cfg.server.listen.port
+        return self.bound_port or self.cfg.server.listen.port
 
     @property
     def admin(self) -> str:
         a = self.cfg.admin.listen
-        return f"http://{a.host}:{a.port}"
+        return f"http://{a.host}:{self.bound_admin_port or a.port}"
+
+    def discover(self) -> bool:
+        """Read the bound ports from the event log; True once both are known."""
+        try:
+            text = self.stderr_path.read_text()
+        except OSError:
+            return False
+        for line in text.splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("msg") == "listening":
+                self.bound_port = int(event["address"].rsplit(":", 1)[1])
+            elif event.get("msg") == "admin listening":
+                self.bound_admin_port = int(event["address"].rsplit(":", 1)[1])
+        return bool((self.bound_port or self.cfg.server.listen.port)
+                    and (self.bound_admin_port or self.cfg.admin.listen.port))
 
     def admin_get(self, path: str) -> tuple[int, str]:
         try:
@@ -350,7 +371,8 @@ def spawn_proxy(config_path: Path, tmp: Path, env: dict[str, str] | None = None,
         if proc.poll() is not None:
             raise RuntimeError(f"proxy exited {proc.returncode}: {err.read_text()}")
         try:
-            if pp.admin_get("/readyz")[0] == 200:
+            if pp.discover() and pp.admin_get("/readyz")[0] == 200:
+                pp.discover()
                 return pp
         except OSError:
             pass

@@ -464,7 +464,7 @@ class InProcess:
 
 def admin_addr(proc: ProxyProcess) -> tuple[str, int]:
     a = proc.cfg.admin.listen
-    return (a.host, a.port)
+    return (a.host, proc.bound_admin_port or a.port)
 
 
 class Ops:
