@@ -22,12 +22,13 @@ from . import proxy_protocol as pp
 from .connection import ClientConnection
 from .identity import IdentityError
 from .tls import handshake_failure_detail, handshake_failure_reason
-from .transport import TLSTransport, abort_socket, handshake
+from .transport import TLSTransport, abort_socket
 
 if TYPE_CHECKING:
     from .server import ProxyServer
 
 log = logging.getLogger("mtls_proxy")
+ACCEPT_BATCH = 64  # connections accepted per readiness event before other work gets a turn
 
 
 def bind(host: str, port: int, reuse_port: bool = False, backlog: int = 1024, listen: bool = True) -> socket.socket:
@@ -51,44 +52,35 @@ def bind(host: str, port: int, reuse_port: bool = False, backlog: int = 1024, li
     return sock
 
 
-async def read_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = await loop.sock_recv(sock, n - len(buf))  # never more than asked: the ClientHello stays queued
-        if not chunk:
-            raise pp.ProxyProtocolError("truncated", "connection closed inside the PROXY header")
-        buf += chunk
-    return buf
-
-
-async def read_proxy_header(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout: float) -> pp.ProxyInfo:
-    try:
-        async with asyncio.timeout(timeout):
-            prefix = await read_exact(loop, sock, pp.PREFIX_LEN)
-            rest = await read_exact(loop, sock, pp.remaining_length(prefix))
-    except TimeoutError:
-        raise pp.ProxyProtocolError("truncated", "PROXY header not complete within proxy_protocol_timeout") from None
-    return pp.parse(prefix + rest)
-
-
 class Listener:
+    """Accepts on the listening socket from a readiness callback (registered once, not per accept)."""
+
     def __init__(self, server: ProxyServer, sock: socket.socket) -> None:
         self.srv = server
         self.sock = sock
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.incoming: set[Incoming] = set()
+        self._paused: asyncio.TimerHandle | None = None
 
-    async def serve(self) -> None:
+    def start(self) -> None:
+        self.srv.loop.add_reader(self.sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
         srv = self.srv
-        loop = srv.loop
         limit = srv.cfg.server.max_connections
-        while True:
+        for _ in range(ACCEPT_BATCH):
             try:
-                conn, addr = await loop.sock_accept(self.sock)
+                conn, addr = self.sock.accept()
+            except BlockingIOError:
+                return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors or memory: stop accepting for a moment instead of spinning.
                     log.error("accept failed: %s; pausing accepts for 100 ms", exc.strerror)
-                    await asyncio.sleep(0.1)
-                    continue
+                    srv.loop.remove_reader(self.sock.fileno())
+                    self._paused = srv.loop.call_later(0.1, self._resume)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue  # the client gave up while queued
                 raise
             srv.metrics.connections_total += 1
             if srv.active >= limit:
@@ -97,67 +89,213 @@ class Listener:
                 continue
             srv.active += 1
             srv.metrics.connections_active = srv.active
-            task = loop.create_task(self._handle(conn, addr[0]))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            Incoming(self, conn, addr[0])
 
-    async def _handle(self, conn: socket.socket, peer_addr: str) -> None:
-        srv = self.srv
-        cfg = srv.cfg.server
-        loop = srv.loop
-        sock: socket.socket = conn  # whatever must be closed if we do not hand over
+    def _resume(self) -> None:
+        self._paused = None
+        self.start()
+
+    def close(self) -> None:
+        loop = self.srv.loop
+        if self._paused is not None:
+            self._paused.cancel()
+        else:
+            try:
+                loop.remove_reader(self.sock.fileno())
+            except (OSError, ValueError):
+                pass
+        self.sock.close()
+        for inc in list(self.incoming):
+            inc.abort()
+
+
+class Incoming:
+    """One accepted socket until it is a verified TLS connection, driven by readiness callbacks.
+
+    The fd is registered with the loop once, here, and the callback is replaced (no system call) when the
+    ``TLSTransport`` takes over: with uvloop every add/remove of a reader costs several epoll_ctl/ioctl calls,
+    which per connection cost more than the PROXY header and handshake logic.  States: reading the PROXY header
+    (exactly 16 bytes, then exactly the announced length — never a byte of the ClientHello behind it), then the
+    TLS handshake on the same socket.
+    """
+
+    __slots__ = ("lst", "srv", "loop", "sock", "fd", "peer_addr", "client_addr", "vpce_id", "local", "buf", "need",
+                 "tls", "timer", "writer", "done", "rt")
+
+    def __init__(self, lst: Listener, conn: socket.socket, peer_addr: str) -> None:
+        self.lst = lst
+        self.srv = lst.srv
+        self.loop = lst.srv.loop
+        self.sock: socket.socket = conn
+        self.fd = conn.fileno()
+        self.peer_addr = self.client_addr = peer_addr
+        self.vpce_id: str | None = None
+        self.local = False
+        self.buf = b""
+        self.need = 0
+        self.tls = False
+        self.writer = False
+        self.done = False
+        cfg = self.srv.cfg.server
         try:
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            client_addr, vpce_id, local = peer_addr, None, False
-            if cfg.proxy_protocol:
-                try:
-                    info = await read_proxy_header(loop, conn, cfg.proxy_protocol_timeout)
-                except pp.ProxyProtocolError as exc:
-                    srv.metrics.bump(srv.metrics.proxy_protocol_errors, exc.reason)
-                    log.warning("proxy protocol error", extra={"fields": {"peer": peer_addr, "error": str(exc)}})
-                    return
-                local = info.local
-                if info.src_addr is not None:
-                    client_addr = info.src_addr
-                vpce_id = info.vpce_id
-            rt = srv.runtime
-            sock = rt.server_context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False,
-                                                 suppress_ragged_eofs=False)
-            try:
-                await handshake(loop, sock, cfg.handshake_timeout)  # type: ignore[arg-type]
-            except (ssl.SSLError, OSError, TimeoutError) as exc:
-                if local and not isinstance(exc, ssl.SSLCertVerificationError):
-                    return  # an NLB health-check connection (PROXY LOCAL) that closed: not a failure
-                reason = handshake_failure_reason(exc)
-                srv.metrics.handshake_failures[reason] += 1
-                log.info("tls handshake failed", extra={"fields": {
-                    "client": client_addr, "vpce": vpce_id, "reason": reason,
-                    "detail": handshake_failure_detail(exc)}})
-                if isinstance(exc, ssl.SSLError):
-                    # OpenSSL sent the alert.  A reset right behind it can overtake a TLS 1.3 client, which has
-                    # finished its side of the handshake (RFC 8446 §4.4.2) and reads only after sending its
-                    # request: curl then fails with "getpeername() failed" (exit 55) instead of naming the alert.
-                    srv.lingerer.start(sock)
-                return
-            try:
-                peer = rt.peer(sock.getpeercert(binary_form=True), client_addr, vpce_id)  # type: ignore[attr-defined]
-            except IdentityError as exc:
-                log.warning("unusable client certificate", extra={"fields": {"client": client_addr,
-                                                                             "error": str(exc)}})
-                return
-            proto = ClientConnection(srv, peer)
-            transport = TLSTransport(loop, sock, proto, lingerer=srv.lingerer)  # type: ignore[arg-type]
-            sock = None  # type: ignore[assignment]
-            transport.start()
         except OSError:
-            pass  # the peer went away before TLS started
-        finally:
-            if sock is not None:
-                abort_socket(sock)
-                srv.slot_released()  # may be the last socket a drain waits for (e.g. cancelled mid-handshake)
+            self.timer = None
+            self._close(reset=True)
+            return
+        lst.incoming.add(self)
+        if cfg.proxy_protocol:
+            self.need = pp.PREFIX_LEN
+            self.timer = self.loop.call_later(cfg.proxy_protocol_timeout, self._timeout)
+        else:
+            self._start_tls()
+            if self.done:
+                return
+        self.loop.add_reader(self.fd, self._step)
 
-    def close(self) -> None:
-        self.sock.close()
-        for task in self.tasks:
-            task.cancel()
+    # -- PROXY header --------------------------------------------------------------------------------------
+    def _step(self) -> None:
+        if self.done:
+            return
+        if self.tls:
+            self._handshake()
+            return
+        try:
+            chunk = self.sock.recv(self.need - len(self.buf))  # never more than the header: TLS bytes stay queued
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close(reset=True)
+            return
+        if not chunk:
+            self._proxy_error(pp.ProxyProtocolError("truncated", "connection closed inside the PROXY header"))
+            return
+        self.buf += chunk
+        if len(self.buf) < self.need:
+            return
+        try:
+            if self.need == pp.PREFIX_LEN:
+                self.need += pp.remaining_length(self.buf)
+                if len(self.buf) < self.need:
+                    return
+            info = pp.parse(self.buf)
+        except pp.ProxyProtocolError as exc:
+            self._proxy_error(exc)
+            return
+        self.local = info.local
+        if info.src_addr is not None:
+            self.client_addr = info.src_addr
+        self.vpce_id = info.vpce_id
+        self.buf = b""
+        if self.timer is not None:
+            self.timer.cancel()
+        self._start_tls()
+        if not self.done:
+            self._handshake()  # the ClientHello may already be queued behind the header
+
+    def _proxy_error(self, exc: pp.ProxyProtocolError) -> None:
+        srv = self.srv
+        srv.metrics.bump(srv.metrics.proxy_protocol_errors, exc.reason)
+        log.warning("proxy protocol error", extra={"fields": {"peer": self.peer_addr, "error": str(exc)}})
+        self._close(reset=True)
+
+    # -- TLS handshake ---------------------------------------------------------------------------------------
+    def _start_tls(self) -> None:
+        srv = self.srv
+        self.tls = True
+        rt = srv.runtime  # the snapshot current at accept time: a reload swaps it for later connections
+        try:
+            self.sock = rt.server_context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False,
+                                                      suppress_ragged_eofs=False)
+        except OSError:
+            self._close(reset=True)
+            return
+        self.rt = rt
+        self.timer = self.loop.call_later(srv.cfg.server.handshake_timeout, self._timeout)
+
+    def _handshake(self) -> None:
+        sock: ssl.SSLSocket = self.sock  # type: ignore[assignment]
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            if self.writer:
+                self.writer = False
+                self.loop.remove_writer(self.fd)
+            return
+        except ssl.SSLWantWriteError:
+            if not self.writer:  # the kernel send buffer is full: rare during a handshake
+                self.writer = True
+                self.loop.add_writer(self.fd, self._step)
+            return
+        except (ssl.SSLError, OSError) as exc:
+            self._failed(exc)
+            return
+        self._verified()
+
+    def _timeout(self) -> None:
+        if self.done:
+            return
+        if not self.tls:
+            self._proxy_error(pp.ProxyProtocolError(
+                "truncated", "PROXY header not complete within proxy_protocol_timeout"))
+        else:
+            self._failed(TimeoutError("TLS handshake not complete within handshake_timeout"))
+
+    def _failed(self, exc: BaseException) -> None:
+        srv = self.srv
+        if self.local and not isinstance(exc, ssl.SSLCertVerificationError):
+            self._close(reset=True)  # an NLB health-check connection (PROXY LOCAL) that closed: not a failure
+            return
+        reason = handshake_failure_reason(exc)
+        srv.metrics.handshake_failures[reason] += 1
+        log.info("tls handshake failed", extra={"fields": {
+            "client": self.client_addr, "vpce": self.vpce_id, "reason": reason,
+            "detail": handshake_failure_detail(exc)}})
+        # OpenSSL sent the alert.  A reset right behind it can overtake a TLS 1.3 client, which has finished its
+        # side of the handshake (RFC 8446 §4.4.2) and reads only after sending its request: curl then fails with
+        # "getpeername() failed" (exit 55) instead of naming the alert.  So: a lingering close.
+        self._close(reset=not isinstance(exc, ssl.SSLError), linger=isinstance(exc, ssl.SSLError))
+
+    def _verified(self) -> None:
+        srv = self.srv
+        sock: ssl.SSLSocket = self.sock  # type: ignore[assignment]
+        try:
+            peer = self.rt.peer(sock.getpeercert(binary_form=True), self.client_addr, self.vpce_id)
+        except IdentityError as exc:
+            log.warning("unusable client certificate", extra={"fields": {"client": self.client_addr,
+                                                                         "error": str(exc)}})
+            self._close(reset=True)
+            return
+        self._finish_handshake()
+        proto = ClientConnection(srv, peer)
+        TLSTransport(self.loop, sock, proto, lingerer=srv.lingerer).start()  # takes over the reader callback
+
+    # -- endings ---------------------------------------------------------------------------------------------
+    def _finish_handshake(self) -> None:
+        self.done = True
+        self.lst.incoming.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.writer:
+            self.writer = False
+            self.loop.remove_writer(self.fd)
+
+    def _close(self, reset: bool, linger: bool = False) -> None:
+        if self.done:
+            return
+        self._finish_handshake()
+        try:
+            self.loop.remove_reader(self.fd)
+        except (OSError, ValueError):
+            pass
+        if linger:
+            self.srv.lingerer.start(self.sock)
+        elif reset:
+            abort_socket(self.sock)
+        else:
+            self.sock.close()
+        self.srv.slot_released()  # may be the last socket a drain waits for
+
+    def abort(self) -> None:
+        self._close(reset=True)

@@ -59,7 +59,6 @@ class ProxyServer:
         self.base_path = cfg.upstream.base_path.encode("ascii")
         self._access_fd = access_fd if cfg.log.access else None
         self._listener: Listener | None = None
-        self._accept_task: asyncio.Task[None] | None = None
         self._stamps: dict[Path, tuple[int, int, int] | None] = {}
         self._idle = asyncio.Event()
         self.address: tuple[str, int] | None = None
@@ -78,7 +77,7 @@ class ProxyServer:
             sock = bind(listen.host, listen.port, reuse_port=self.cfg.server.workers > 1)
         self.address = sock.getsockname()[:2]
         self._listener = Listener(self, sock)
-        self._accept_task = self.loop.create_task(self._listener.serve())
+        self._listener.start()
         self.ready = True
         log.info("listening", extra={"fields": {"address": f"{self.address[0]}:{self.address[1]}",
                                                 "upstream": self.cfg.upstream.url}})
@@ -143,8 +142,6 @@ class ProxyServer:
         """Stop accepting, let in-flight exchanges finish within ``timeout``, then reset what is left."""
         self.ready = False
         self.draining = True
-        if self._accept_task is not None:
-            self._accept_task.cancel()
         if self._listener is not None:
             self._listener.close()
         for conn in list(self.connections):

@@ -24,6 +24,8 @@ import struct
 from collections.abc import Iterable
 from typing import Any
 
+from .tls import pending_function
+
 _WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 # One TLS record carries at most 16 KiB of plaintext, and SSL_read returns at most one record.  Asking for much
 # more only costs: the C layer allocates the full size and shrinks it, and a 256 KiB request crosses glibc's
@@ -76,6 +78,10 @@ def abort_socket(sock: socket.socket) -> None:
 
 LINGER_TIMEOUT = 2.0  # seconds a refused client gets to read our alert or error answer before we close anyway
 _LINGER_BYTES = 256 * 1024
+
+
+def _always() -> int:
+    return 1
 
 
 class Lingerer:
@@ -166,9 +172,12 @@ class TLSTransport(asyncio.Transport):
         # that cannot fail here (no flags; suppress_ragged_eofs is False), and this is the per-record hot path.
         tls = getattr(sock, "_sslobj", None)
         if tls is not None and hasattr(tls, "read") and hasattr(tls, "write") and not sock.suppress_ragged_eofs:
-            self._recv, self._send, self._pending = tls.read, tls.write, tls.pending
+            self._recv, self._send = tls.read, tls.write
         else:  # pragma: no cover - other Python implementations
-            self._recv, self._send, self._pending = sock.recv, sock.send, sock.pending
+            self._recv, self._send = sock.recv, sock.send
+        # With read-ahead (tls.enable_read_ahead) whole records can wait inside OpenSSL where epoll cannot see
+        # them: SSL_has_pending tells.  If it cannot be called, never stop reading before OpenSSL says WANT_READ.
+        self._pending = pending_function(sock) or _always
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -177,7 +186,7 @@ class TLSTransport(asyncio.Transport):
         if not self._closing and not self._closed:
             self._reading = True
             self._loop.add_reader(self._fd, self._read_ready)
-            if self._sock.pending():
+            if self._pending():
                 self._loop.call_soon(self._read_ready)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
@@ -258,7 +267,7 @@ class TLSTransport(asyncio.Transport):
         self._reading = True
         if not self._read_wants_write:
             self._loop.add_reader(self._fd, self._read_ready)
-        if self._sock.pending():
+        if self._pending():
             self._loop.call_soon(self._read_ready)
 
     def _stop_reading(self) -> None:
