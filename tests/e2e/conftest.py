@@ -418,6 +418,8 @@ async def refused(port: int) -> bool:
         _, writer = await asyncio.open_connection("127.0.0.1", port)
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        return False  # queued just as a listener closed: not yet the steady state, poll again
     writer.close()
     return False
 
