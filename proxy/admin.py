@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-
-from prometheus_client.exposition import choose_encoder
+from typing import TYPE_CHECKING
 
 from . import http1
 from . import proxy_protocol as pp
 from .config import Address
 from .errors import ProxyError
 from .metrics import Snapshot, registry_for
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import CollectorRegistry
 
 IDLE_TIMEOUT = 30.0
 MAX_HEAD = 8 * 1024
@@ -115,6 +117,8 @@ class _AdminConnection(asyncio.Protocol):
                 name, _, value = line.partition(b":")
                 if name.strip().lower() == b"accept":
                     accept = value.strip().decode("latin-1")
+            from prometheus_client.exposition import choose_encoder  # loaded at the first scrape (see metrics.py)
+
             encoder, content_type = choose_encoder(accept)
             self._respond(200, encoder(admin.registry), close, content_type=content_type, head_only=head_only)
         else:
@@ -137,11 +141,18 @@ _REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method No
 
 
 class AdminServer:
+    @property
+    def registry(self) -> CollectorRegistry:
+        if self._registry is None:
+            self._registry = registry_for(self._snapshots)
+        return self._registry
+
     def __init__(self, listen: Address, *, ready: Callable[[], bool], snapshots: Callable[[], list[Snapshot]],
                  proxy_protocol: bool = False) -> None:
         self.listen = listen
         self.ready = ready
-        self.registry = registry_for(snapshots)
+        self._snapshots = snapshots
+        self._registry: CollectorRegistry | None = None
         self.proxy_protocol = proxy_protocol
         self.connections: set[_AdminConnection] = set()
         self._server: asyncio.AbstractServer | None = None

@@ -22,7 +22,6 @@ import datetime as dt
 import os
 import ssl
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -90,6 +89,8 @@ class _PemFile:
             os.write(self._fd, data)
             self.path = f"/proc/self/fd/{self._fd}"
         else:  # pragma: no cover - non-Linux
+            import tempfile
+
             fd, self.path = tempfile.mkstemp(prefix="mtls-proxy-", suffix=".pem")
             with os.fdopen(fd, "wb") as fh:  # mkstemp creates it 0600
                 fh.write(data)
