@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from time import perf_counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -37,6 +38,8 @@ from .errors import (
 from .headers import CHUNKED_LINE, CLOSE_LINE, KEEP_ALIVE_LINE, SPOOFABLE, request_head, response_head
 from .identity import Identity
 from .policy import ConnectionPolicy, normalize_path
+
+log = logging.getLogger("mtls_proxy")
 
 if TYPE_CHECKING:
     from .forward import UpstreamConnection
@@ -230,7 +233,13 @@ class ClientConnection(asyncio.Protocol):
     async def _connect(self) -> None:
         try:
             up = await self.srv.pool.connect()
-        except ProxyError as exc:
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not isinstance(exc, ProxyError):
+                # Never leave a request hanging on a bug: log it once and answer 502 like any failed dial.
+                log.error("upstream connect failed unexpectedly", exc_info=exc)
+                exc = UpstreamError(f"upstream connect failed: {exc.__class__.__name__}")
             self.connect_task = None
             if self.state != _CLOSED:
                 self.srv.metrics.bump(self.srv.metrics.upstream_errors, getattr(exc, "kind", "other"))

@@ -239,18 +239,31 @@ class UpstreamPool:
     def __init__(self, loop: asyncio.AbstractEventLoop, cfg: UpstreamConfig, ssl_context: ssl.SSLContext) -> None:
         self.loop = loop
         self.cfg = cfg
-        self.ssl_context = ssl_context
         self._idle: list[UpstreamConnection] = []
         self._all: set[UpstreamConnection] = set()
         self._session: ssl.SSLSession | None = None
+        self.ssl_context = ssl_context
         self._addrs: list[tuple] | None = None
         self.closing = False
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        return self._ssl_context
+
+    @ssl_context.setter
+    def ssl_context(self, ctx: ssl.SSLContext) -> None:
+        # A reload swaps the context; a session of the old one would make every new dial raise ValueError
+        # ("Session refers to a different SSLContext") -- requests needing a new upstream connection would hang.
+        self._ssl_context = ctx
+        self._session = None
 
     def acquire_idle(self) -> UpstreamConnection | None:
         idle = self._idle
         while idle:
             conn = idle.pop()
-            if not conn.closed:
+            # A transport already closing (upstream close_notify/reset seen) reaches connection_lost -- which sets
+            # ``closed`` -- only a loop turn later: a request in between must not get it.
+            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
                 conn.reused = True
                 return conn
         return None
@@ -264,7 +277,9 @@ class UpstreamPool:
         if not tr.is_reading():
             tr.resume_reading()
         if self._session is None:
-            sess = tr.get_extra_info("ssl_object").session
+            sock = tr.get_extra_info("ssl_object")
+            # Not from a connection dialled before a reload swapped the context (see the ssl_context setter).
+            sess = sock.session if sock.context is self._ssl_context else None
             if sess is not None:
                 self._session = sess
         conn.deadline.set(self.cfg.pool_idle_timeout)

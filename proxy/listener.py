@@ -263,6 +263,8 @@ class Incoming:
         try:
             peer = self.rt.peer(sock.getpeercert(binary_form=True), self.client_addr, self.vpce_id)
         except IdentityError as exc:
+            # OpenSSL verified it but it cannot be turned into identity headers: refused, and counted.
+            srv.metrics.handshake_failures["other"] += 1
             log.warning("unusable client certificate", extra={"fields": {"client": self.client_addr,
                                                                          "error": str(exc)}})
             self._close(reset=True)

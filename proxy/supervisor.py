@@ -57,6 +57,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
+                _discard_stale(sock)
                 await loop.sock_sendall(sock, b"?")
                 head = await _recv_exact(loop, sock, _LEN.size)
                 self.last = json.loads(await _recv_exact(loop, sock, _LEN.unpack(head)[0]))
@@ -68,6 +69,17 @@ class Worker:
         if self.control is not None:
             self.control.close()
             self.control = None
+
+
+def _discard_stale(sock: socket.socket) -> None:
+    """Drop a late answer to an earlier poll that timed out: answers are matched to requests by order only, so
+    one left queued would be read as the answer to every following poll (each one poll late), and a partial one
+    would desynchronise the framing for good."""
+    try:
+        while sock.recv(65536):
+            pass
+    except BlockingIOError:
+        pass
 
 
 async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:

@@ -32,7 +32,6 @@ _WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 # mmap threshold, which measured +40 us per read (a page-faulting mmap/munmap pair each time).
 READ_SIZE = 32 * 1024
 READ_BUDGET = 256 * 1024  # bytes read in one readiness callback before yielding to other connections
-_BIG_READ = 16000  # a read this large suggests a bulk transfer: keep reading before returning to the loop
 _LINGER_RST = struct.pack("ii", 1, 0)
 
 
@@ -186,8 +185,10 @@ class TLSTransport(asyncio.Transport):
         if not self._closing and not self._closed:
             self._reading = True
             self._loop.add_reader(self._fd, self._read_ready)
-            if self._pending():
-                self._loop.call_soon(self._read_ready)
+            # One read attempt now, not only when OpenSSL holds decrypted bytes: the handshake may have been driven
+            # by the callback uvloop runs once for EPOLLERR before dropping the watcher (see _read_ready), and a
+            # reset that came with the client's Finished must not leave the connection waiting for idle_timeout.
+            self._loop.call_soon(self._read_ready)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "ssl_object":
@@ -228,6 +229,12 @@ class TLSTransport(asyncio.Transport):
         try:
             # First SSL_shutdown call sends our close_notify; not waiting for the peer's is allowed (RFC 8446 §6.1).
             self._sock.unwrap()
+        except ssl.SSLWantWriteError:
+            # The kernel send buffer is full (a slow reader took the last of our data): the close_notify waits in
+            # OpenSSL.  Closing now would end the stream with a bare FIN, which a peer must treat as truncation.
+            self._writer_on = True
+            self._loop.add_writer(self._fd, self._shutdown)
+            return
         except (ssl.SSLError, OSError, ValueError):
             pass
         self._finish(None, reset=False)
@@ -298,8 +305,10 @@ class TLSTransport(asyncio.Transport):
                 return
             self._protocol.data_received(data)
             total += len(data)
-            if len(data) < _BIG_READ and not self._pending():
-                return  # small message: the next readiness event will bring more, skip a WantRead round trip
+            # No early return after a small message: read on until WantRead.  uvloop (libuv) answers EPOLLERR -- a
+            # peer's reset arriving with or right behind the data -- by running this callback once and then
+            # silently dropping the watcher, so an error not read now is never seen and the connection hangs until
+            # a timeout.  The extra SSL_read costs one recv() that returns EAGAIN.
             if total >= READ_BUDGET:
                 if self._reading and not self._closed:
                     self._loop.call_soon(self._read_ready)  # fairness: let other connections run
