@@ -155,7 +155,11 @@ build=(podman build --format docker --network host "${build_mounts[@]}" --build-
 # dependency wheels from PyPI above all.
 "${build[@]}" --target build -t "$IMAGE-build" . >"$work/build.log" 2>&1 \
   || { tail -n 40 "$work/build.log" >&2; die "podman build --target build failed"; }
-"${build[@]}" --build-arg "REVISION=$revision" --build-arg "CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+created=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+# The provenance labels are also given as --label: buildah 1.28 reuses a cached LABEL layer even when only the
+# build arguments it expands (REVISION, CREATED) changed, so the image kept an older commit's revision.
+"${build[@]}" --build-arg "REVISION=$revision" --build-arg "CREATED=$created" \
+  --label "org.opencontainers.image.revision=$revision" --label "org.opencontainers.image.created=$created" \
   -t "$IMAGE" . >>"$work/build.log" 2>&1 || { tail -n 40 "$work/build.log" >&2; die "podman build failed"; }
 log "built $IMAGE"
 
