@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from .config import Config, PemSource, ServerConfig, UpstreamConfig
+from .config import PemSource, ServerConfig, UpstreamConfig
 from .errors import ConfigError
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
@@ -299,11 +299,6 @@ def build_upstream_context(upstream: UpstreamConfig) -> ssl.SSLContext:
         ctx.verify_mode = ssl.CERT_NONE
     enable_read_ahead(ctx)
     return ctx
-
-
-def cert_facts(cfg: Config) -> list[CertFact]:
-    """Expiry facts for ``check`` (builds the context, so every load error surfaces too)."""
-    return build_server_context(cfg.server)[1]
 
 
 # OpenSSL X509_V_ERR_* codes (x509_vfy.h) grouped into the metric's fixed reason set.

@@ -76,7 +76,6 @@ def abort_socket(sock: socket.socket) -> None:
 
 
 LINGER_TIMEOUT = 2.0  # seconds a refused client gets to read our alert or error answer before we close anyway
-_LINGER_BYTES = 256 * 1024
 
 
 def _always() -> int:
