@@ -35,6 +35,7 @@ from .transport import TLSTransport, handshake
 if TYPE_CHECKING:
     from .http1 import ResponseHead
 
+ADDRESS_TTL = 30.0  # seconds a resolved upstream address list is reused for new connections
 MAX_INFORMATIONAL = 32  # 1xx responses tolerated before the final one (a 1xx storm is a protocol error)
 
 
@@ -244,6 +245,7 @@ class UpstreamPool:
         self._session: ssl.SSLSession | None = None
         self.ssl_context = ssl_context
         self._addrs: list[tuple] | None = None
+        self._addrs_at = 0.0
         self.closing = False
 
     @property
@@ -339,10 +341,14 @@ class UpstreamPool:
         return conn
 
     async def _dial(self, host: str, port: int) -> socket.socket:
+        # Resolved at most every ADDRESS_TTL seconds (and after a failed dial): a VPC endpoint's DNS answers change
+        # when its network interfaces do, and a name resolved once at start would be trusted forever.
         addrs = self._addrs
-        if addrs is None:
+        now = self.loop.time()
+        if addrs is None or now - self._addrs_at > ADDRESS_TTL:
             infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             addrs = self._addrs = [(fam, addr) for fam, _, _, _, addr in infos]
+            self._addrs_at = now
         last: OSError | None = None
         for fam, addr in addrs:
             sock = socket.socket(fam, socket.SOCK_STREAM)

@@ -39,8 +39,6 @@ MAX_TRAILERS = 16 * 1024
 # obs-fold (a line starting with SP/HTAB is not a token) all fail this one match.
 _HEADER_BLOCK = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-# origin-form (RFC 9112 §3.2.1): absolute-path [ "?" query ]; visible ASCII except "#" (no fragment on the wire).
-_ORIGIN_FORM = re.compile(rb"/[!\"$-~]*")
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
 _CHUNK_EXT = re.compile(rb"(?:[ \t]*;[ \t]*[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
                         rb"(?:[ \t]*=[ \t]*(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+|\"(?:[\t\x20!\x23-\x5b\x5d-\x7e\x80-\xff]"

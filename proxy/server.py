@@ -18,6 +18,7 @@ Must not: install signal handlers anywhere but ``run()``; handlers only set even
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -129,7 +130,7 @@ class ProxyServer:
             if changed:
                 log.warning("config changes need a restart to apply: %s", ", ".join(changed))
             cfg = config_mod.replace(cfg, allow=fresh.allow, allow_all_verified=fresh.allow_all_verified,
-                                     server=config_mod.dataclasses.replace(
+                                     server=dataclasses.replace(
                                          cfg.server, cert=fresh.server.cert, key=fresh.server.key,
                                          client_ca=fresh.server.client_ca, crl=fresh.server.crl))
         return build_runtime(cfg)
@@ -175,7 +176,7 @@ def _unreloadable_changes(old: Config, new: Config) -> list[str]:
     changed = []
     for section in ("server", "upstream", "admin", "log"):
         a, b = getattr(old, section), getattr(new, section)
-        for f in config_mod.dataclasses.fields(a):
+        for f in dataclasses.fields(a):
             if section == "server" and f.name in _RELOADABLE_SERVER:
                 continue
             if getattr(a, f.name) != getattr(b, f.name):

@@ -219,6 +219,32 @@ async def test_new_connections_resume_the_tls_session(pki: Pki, upstream: Start,
     assert await get(second) == (200, b"ok", True)
 
 
+async def test_dial_address_is_resolved_again_after_its_ttl(pki: Pki, upstream: Start, pools: list[UpstreamPool],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """connect_to names a VPC endpoint whose DNS answers change: new connections must not use a stale answer."""
+    import proxy.forward as forward
+
+    up = await upstream()
+    pool = make_pool(pki, up.port, connect_to=Address("localhost", up.port))
+    pools.append(pool)
+    loop = asyncio.get_running_loop()
+    lookups: list[str] = []
+    real = loop.getaddrinfo
+
+    async def counting(host: str, *args: Any, **kw: Any) -> Any:
+        lookups.append(host)
+        return await real(host, *args, **kw)
+
+    monkeypatch.setattr(loop, "getaddrinfo", counting)
+    for _ in range(2):
+        (await pool.connect()).close()
+    assert lookups == ["localhost"]  # within the TTL: one lookup serves both dials
+    monkeypatch.setattr(forward, "ADDRESS_TTL", 0.0)
+    await asyncio.sleep(0.01)
+    (await pool.connect()).close()
+    assert lookups == ["localhost", "localhost"]
+
+
 # ---- the idle pool ----------------------------------------------------------------------------------------------
 
 
