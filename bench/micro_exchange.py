@@ -48,6 +48,9 @@ class MemTransport:
     def is_reading(self) -> bool:
         return self.reading
 
+    def is_closing(self) -> bool:
+        return False
+
     def pause_reading(self) -> None:
         self.reading = False
 
@@ -66,6 +69,7 @@ class MemTransport:
 
 class _SSL:
     session = object()
+    context = None
 
 
 class FakeServer:

@@ -526,11 +526,7 @@ class ClientConnection(asyncio.Protocol):
             # the client stopped reading the response (or the body) for idle_timeout: give the slot back
             self._log(self.status, "client_timeout")
             self.state = _CLOSED
-            up = self.up
-            self.up = None
-            if up is not None:
-                up.close()
-            self.transport.abort()
+            self._abort_both()
 
     def _update_reading(self) -> None:
         pause = self._up_full or self._pending_full or self._pipeline_full
@@ -554,6 +550,10 @@ class ClientConnection(asyncio.Protocol):
             if self.req is not None:
                 self._log(self.status or 503, "shutdown")
             self.state = _CLOSED
+        self._abort_both()
+
+    def _abort_both(self) -> None:
+        """Close the bound upstream connection (never reused: its exchange is cut) and reset the client's."""
         up = self.up
         self.up = None
         if up is not None:

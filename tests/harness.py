@@ -348,13 +348,18 @@ class ProxyProcess:
         return self.stdout_path.read_text()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
+
+
+def terminate(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM (the proxy's drain) and wait; SIGKILL only if it outlives ``grace`` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def spawn_proxy(config_path: Path, tmp: Path, env: dict[str, str] | None = None,

@@ -11,7 +11,6 @@ Must not: sleep to wait for readiness (it polls), or leave a process running aft
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.e2e.conftest import Samples, parse_samples
-from tests.harness import ROOT, ProxyProcess, free_port, spawn_proxy, write_config
+from tests.harness import ROOT, ProxyProcess, free_port, spawn_proxy, terminate, write_config
 from tests.pki import Pki
 
 
@@ -150,10 +149,4 @@ class DemoUpstreamProcess:
         raise RuntimeError("demo upstream did not start listening")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
