@@ -232,8 +232,17 @@ async def run(cfg: Config, *, control_fd: int | None = None) -> int:
     return 0
 
 
+RELOAD_SETTLE = 1.0  # seconds the watched files must stay unchanged before a change-triggered reload
+RELOAD_SETTLE_ROUNDS = 10  # a file that never stops changing is loaded after this many settle periods anyway
+
+
 async def _watch(server: ProxyServer, reload_now: asyncio.Event, stop: asyncio.Event) -> None:
-    """Reload on SIGHUP at once, and when watched files change (polled every ``reload_interval``)."""
+    """Reload on SIGHUP at once, and when watched files change (polled every ``reload_interval``).
+
+    A change is loaded once the files have stopped changing for ``RELOAD_SETTLE`` seconds: certificate and key
+    are two files, and a rotation that renames them one after the other would otherwise be caught half done and
+    counted (and logged, and perhaps alerted on) as a failed reload.
+    """
     interval = server.cfg.server.reload_interval
     while not stop.is_set():
         try:
@@ -241,5 +250,21 @@ async def _watch(server: ProxyServer, reload_now: asyncio.Event, stop: asyncio.E
         except TimeoutError:
             if not server.files_changed():
                 continue
+            await _settle(server, reload_now)
         reload_now.clear()
         await server.reload()
+
+
+async def _settle(server: ProxyServer, reload_now: asyncio.Event) -> None:
+    """Return once the watched files look the same twice ``RELOAD_SETTLE`` apart, or at once on SIGHUP."""
+    stamps = _stamp_all(server.cfg.watched_files)
+    for _ in range(RELOAD_SETTLE_ROUNDS):
+        try:
+            await asyncio.wait_for(reload_now.wait(), RELOAD_SETTLE)
+            return  # the operator says the files are ready
+        except TimeoutError:
+            pass
+        again = _stamp_all(server.cfg.watched_files)
+        if again == stamps:
+            return
+        stamps = again
