@@ -118,6 +118,8 @@ def test_content_length_body_and_keep_alive_rules() -> None:
 def test_expect_continue_only_with_a_body() -> None:
     h = http1.parse_request_head(req(b"Host: x", b"Expect: 100-continue", b"Content-Length: 3"))
     assert h.expect_continue
+    h = http1.parse_request_head(req(b"Host: x", b"Content-Length: 3", line=b"POST / HTTP/1.1"))
+    assert not h.expect_continue  # a body alone is no reason to send 100 Continue
     h = http1.parse_request_head(req(b"Host: x", b"Expect: 100-Continue"))
     assert not h.expect_continue
     assert b"expect" not in h.fields.lower()  # never forwarded upstream
@@ -140,9 +142,52 @@ def test_find_head_end_limits() -> None:
         http1.parse_request_head(req(b"Host: x", *[b"X-%d: 1" % i for i in range(http1.MAX_HEADERS + 1)]))
 
 
+def test_find_head_end_waits_for_a_partial_request_line() -> None:
+    assert http1.find_head_end(b"GET /ord") == -1
+    assert http1.find_head_end(b"GET /" + b"a" * (http1.MAX_REQUEST_LINE - 5)) == -1  # exactly the longest line
+
+
+def test_find_head_end_limit_is_inclusive() -> None:
+    line = b"GET / HTTP/1.1\r\n"
+    head = line + b"X-A: " + b"b" * (100 - len(line) - 7) + b"\r\n"
+    assert len(head) == 100
+    assert http1.find_head_end(head, limit=100) == -1  # at the limit: still waiting for the blank line
+    with pytest.raises(HeadersTooLarge):
+        http1.find_head_end(head + b"X", limit=100)
+    assert http1.find_head_end(head[:-2] + b"\r\n\r\n", limit=100) == 102  # a complete head of limit bytes
+
+
 def test_uri_too_long_in_complete_head() -> None:
     with pytest.raises(UriTooLong):
         http1.parse_request_head(req(b"Host: x", line=b"GET /" + b"a" * http1.MAX_REQUEST_LINE + b" HTTP/1.1"))
+
+
+def test_request_line_length_limit_is_inclusive() -> None:
+    line = b"GET /" + b"a" * (http1.MAX_REQUEST_LINE - len(b"GET / HTTP/1.1")) + b" HTTP/1.1"
+    assert len(line) == http1.MAX_REQUEST_LINE
+    assert http1.parse_request_head(req(b"Host: x", line=line)).method == "GET"
+    with pytest.raises(UriTooLong):
+        http1.parse_request_head(req(b"Host: x", line=line.replace(b"GET /", b"GET /a")))
+
+
+def test_malformed_over_long_request_line_is_uri_too_long() -> None:
+    """The cold path that explains a refused request line puts the length check first."""
+    line = b"GET /a b" + b"c" * http1.MAX_REQUEST_LINE + b" HTTP/1.1"
+    with pytest.raises(UriTooLong):
+        http1.parse_request_head(req(b"Host: x", line=line))
+    with pytest.raises(BadRequest, match="malformed"):
+        http1.parse_request_head(req(b"Host: x", line=b"GET /a b HTTP/1.1"))
+
+
+def test_extension_method_is_kept_as_sent() -> None:
+    h = http1.parse_request_head(req(b"Host: x", line=b"PROPFIND /dav HTTP/1.1"))
+    assert h.method == "PROPFIND" and h.target == b"/dav"
+
+
+def test_http10_with_two_hosts_is_refused() -> None:
+    with pytest.raises(BadRequest, match="more than one Host"):
+        http1.parse_request_head(req(b"Host: a", b"Host: b", line=b"GET / HTTP/1.0"))
+    assert http1.parse_request_head(req(b"Host: a", line=b"GET / HTTP/1.0")).method == "GET"
 
 
 def feed_all(data: bytes, step: int) -> tuple[bytes, bytes | None]:
@@ -228,6 +273,14 @@ def test_response_heads() -> None:
     # identical duplicate Content-Length is tolerated (RFC 9110 §8.6) and forwarded once
     r = http1.parse_response_head(resp(b"Content-Length: 3", b"Content-Length: 3"))
     assert r.fields == b"Content-Length: 3\r\n"
+    # many fields: up to MAX_HEADERS pass (a long head alone is no reason to refuse), one more is refused
+    many = [b"X-%d: 1" % i for i in range(http1.MAX_HEADERS - 1)]
+    assert http1.parse_response_head(resp(b"X-Long: " + b"v" * 2000, *many)).fields.count(b"\r\n") == 100
+    with pytest.raises(UpstreamProtocolError, match="more than"):
+        http1.parse_response_head(resp(*many, b"X-A: 1", b"X-B: 2"))
+    # a head with nothing to remove is forwarded as it came
+    r = http1.parse_response_head(resp(b"X-A: 1", b"Content-Type: text/plain"))
+    assert r.fields == b"X-A: 1\r\nContent-Type: text/plain\r\n" and r.content_length is None
 
 
 @pytest.mark.parametrize("head", [

@@ -336,6 +336,8 @@ def test_methods(methods: tuple[str, ...], method: str, reason: str) -> None:
         ("/a%2Fb", "/a%2fb", True),  # remaining %XX compare with case-insensitive hex (RFC 3986 §6.2.2.1)
         ("/a%2fb", "/a%2Fb", True),
         ("/a%2Fb", "/a/b", False),
+        ("/a%2Fb", "/a%3Fb", False),  # a different escape is a different path
+        ("/a%2Fb", "/ab", False),
         ("/**", "/", True),
         ("/**", "/anything/at/all", True),
         ("/", "/", True),
