@@ -399,10 +399,6 @@ class ChunkedDecoder:
         self._error = error
         self.total = 0
 
-    @property
-    def done(self) -> bool:
-        return self._state == self._DONE
-
     def feed(self, data: bytes) -> tuple[list[bytes], bytes | None]:
         pieces: list[bytes] = []
         pos = 0

@@ -84,6 +84,13 @@ def test_chunked_coding_name_is_case_insensitive(te: bytes) -> None:
     assert b"transfer-encoding" not in h.fields.lower()
 
 
+def test_a_single_header_named_in_connection_is_dropped() -> None:
+    h = http1.parse_request_head(req(b"Host: x", b"Connection: X-Hop", b"X-Hop: 1", b"X-Kept: yes"), SPOOFABLE)
+    assert h.fields == b"X-Kept: yes\r\n" and h.keep_alive
+    r = http1.parse_response_head(resp(b"Connection: X-Hop", b"X-Hop: 1", b"X-Kept: yes"))
+    assert r.fields == b"X-Kept: yes\r\n" and r.keep_alive
+
+
 def test_hop_by_hop_and_connection_named_headers_are_dropped() -> None:
     h = http1.parse_request_head(req(
         b"Host: x", b"Connection: keep-alive, X-Secret-Hop", b"Keep-Alive: timeout=5", b"Proxy-Connection: x",
@@ -162,6 +169,11 @@ def test_uri_too_long_in_complete_head() -> None:
         http1.parse_request_head(req(b"Host: x", line=b"GET /" + b"a" * http1.MAX_REQUEST_LINE + b" HTTP/1.1"))
 
 
+def test_header_count_limit_is_inclusive() -> None:
+    fields = [b"X-%d: 1" % i for i in range(http1.MAX_HEADERS - 1)]
+    assert http1.parse_request_head(req(b"Host: x", *fields)).fields.count(b"\r\n") == http1.MAX_HEADERS - 1
+
+
 def test_request_line_length_limit_is_inclusive() -> None:
     line = b"GET /" + b"a" * (http1.MAX_REQUEST_LINE - len(b"GET / HTTP/1.1")) + b" HTTP/1.1"
     assert len(line) == http1.MAX_REQUEST_LINE
@@ -231,6 +243,32 @@ def test_chunked_decoding_refuses_oddities(data: bytes) -> None:
         feed_all(data, 1)
     with pytest.raises(BadRequest):
         feed_all(data, len(data))
+
+
+def test_chunked_decoder_counts_the_decoded_body_exactly() -> None:
+    """``total`` is what server.max_body_bytes is checked against for chunked uploads."""
+    dec = http1.ChunkedDecoder()
+    dec.feed(b"5\r\nhello\r\n1a\r\n" + b"z" * 26 + b"\r\n")
+    assert dec.total == 31
+    dec.feed(b"0\r\n\r\n")
+    assert dec.total == 31
+
+
+def test_chunk_line_limit_is_inclusive() -> None:
+    ext = b";" + b"e" * (http1.MAX_CHUNK_LINE - 2)  # "1" + ext is exactly MAX_CHUNK_LINE bytes
+    body, rest = feed_all(b"1" + ext + b"\r\nx\r\n0\r\n\r\n", 10_000)
+    assert body == b"x" and rest == b""
+    with pytest.raises(BadRequest, match="too long"):
+        feed_all(b"1" + ext + b"e\r\nx\r\n0\r\n\r\n", 10_000)
+
+
+def test_trailer_section_size_is_bounded_across_lines() -> None:
+    line = b"X-T: " + b"t" * 1000 + b"\r\n"  # 1,007 bytes a line, counted with its CRLF
+    fits = http1.MAX_TRAILERS // len(line)
+    body, rest = feed_all(b"0\r\n" + line * fits + b"\r\n", 100_000)
+    assert (body, rest) == (b"", b"")
+    with pytest.raises(BadRequest, match="trailer section too large"):
+        feed_all(b"0\r\n" + line * (fits + 1) + b"\r\n", 100_000)
 
 
 def test_chunked_decoder_uses_given_error_class() -> None:
