@@ -42,6 +42,9 @@ UPSTREAM_ERROR_KINDS = ("connect", "tls", "protocol", "closed", "timeout", "othe
 Snapshot = dict[str, Any]
 
 
+_STATUS_LABELS = {code: str(code) for code in range(100, 600)}
+
+
 class Histogram:
     __slots__ = ("buckets", "counts", "total", "count")
 
@@ -75,7 +78,7 @@ class Metrics:
         self.upstream_duration = Histogram()
 
     def request(self, method: str, status: int, rule: str | None, duration: float, upstream: float | None) -> None:
-        key = (method if method in KNOWN_METHODS else "OTHER", str(status), rule or "")
+        key = (method if method in KNOWN_METHODS else "OTHER", _STATUS_LABELS.get(status) or str(status), rule or "")
         req = self.requests
         req[key] = req.get(key, 0) + 1
         self.request_duration.observe(duration)
