@@ -116,6 +116,13 @@ def test_spoofable_identity_headers_and_underscore_twins_are_removed(name: bytes
 def test_content_length_body_and_keep_alive_rules() -> None:
     h = http1.parse_request_head(req(b"Host: x", b"Content-Length: 12", line=b"POST /u HTTP/1.1"))
     assert h.content_length == 12 and h.has_body and h.fields == b"Content-Length: 12\r\n"
+    # up to 18 digits (below 2**63); a 19th is refused before int() sees it, in both directions
+    assert http1.parse_request_head(req(b"Host: x", b"Content-Length: " + b"9" * 18)).content_length == 10**18 - 1
+    with pytest.raises(BadRequest, match="Content-Length"):
+        http1.parse_request_head(req(b"Host: x", b"Content-Length: " + b"1" * 19))
+    assert http1.parse_response_head(resp(b"Content-Length: " + b"9" * 18)).content_length == 10**18 - 1
+    with pytest.raises(UpstreamProtocolError, match="Content-Length"):
+        http1.parse_response_head(resp(b"Content-Length: " + b"1" * 19))
     assert not http1.parse_request_head(req(b"Host: x", b"Connection: close")).keep_alive
     assert not http1.parse_request_head(req(line=b"GET / HTTP/1.0")).keep_alive
     h10 = http1.parse_request_head(req(b"Connection: Keep-Alive", line=b"GET / HTTP/1.0"))

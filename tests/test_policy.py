@@ -296,7 +296,9 @@ def test_wrong_vpce_is_explained() -> None:
     ],
 )
 def test_methods(methods: tuple[str, ...], method: str, reason: str) -> None:
-    assert decide([Rule(subject_cn=("client",), methods=methods)], method=method).reason == reason
+    decision = decide([Rule(subject_cn=("client",), methods=methods)], method=method)
+    assert decision.reason == reason
+    assert decision.allowed is (reason == "allowed") and (decision.rule is None) is (reason != "allowed")
 
 
 @pytest.mark.parametrize(
