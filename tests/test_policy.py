@@ -525,6 +525,8 @@ CN = ("client",)
         (Rule("p", subject_cn=CN, paths=("/caf\u00e9",)),
          "allow[0] (p): paths[0]: invalid character in '/caf\u00e9' (RFC 3986 path characters only)"),
         (Rule("p", subject_cn=CN, paths=("/a/%4",)), "allow[0] (p): paths[0]: '%' must start a %XX escape in '/a/%4'"),
+        (Rule("p", subject_cn=CN, paths=("/a/%g1",)), "allow[0] (p): paths[0]: '%' must start a %XX escape in '/a/%g1'"),
+        (Rule("p", subject_cn=CN, paths=("/a/%1g",)), "allow[0] (p): paths[0]: '%' must start a %XX escape in '/a/%1g'"),
         (Rule("p", subject_cn=CN, paths=("/%41",)),
          "allow[0] (p): paths[0]: '%41' never occurs in a normalised path, write 'A' in '/%41'"),
         (Rule("p", subject_cn=CN, paths=("/a/%2e%2e/b",)),
