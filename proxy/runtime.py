@@ -6,11 +6,13 @@ per-certificate cache of parsed identities.  ``build_runtime`` is pure and block
 runs it off the event loop and swaps the reference in one assignment.  Connections keep the snapshot they
 started with.
 
-Must not: touch sockets or the event loop.
+Must not: touch sockets or the event loop.  (It logs once per newly parsed certificate whose SANs were unreadable:
+the operator's only clue why a san_dns/san_uri rule refuses it.)
 """
 
 from __future__ import annotations
 
+import logging
 import ssl
 from dataclasses import dataclass, field
 
@@ -22,6 +24,8 @@ from .headers import connection_block, upstream_block
 from .identity import Identity, parse_identity
 from .policy import ConnectionPolicy, Policy, PolicyError
 from .tls import CertFact, build_server_context, build_upstream_context
+
+log = logging.getLogger("mtls_proxy")
 
 IDENTITY_CACHE = 4096  # distinct (certificate, endpoint) pairs remembered per snapshot
 
@@ -42,6 +46,10 @@ class Runtime:
         hit = self._cache.get(key)
         if hit is None:
             identity = parse_identity(der)
+            if identity.san_parse_failed:  # once per certificate and snapshot, not per connection
+                log.warning("client certificate extensions cannot be parsed: its SANs are ignored, so no san_dns or "
+                            "san_uri rule can match it", extra={"fields": {"subject": identity.subject,
+                                                                           "fingerprint": identity.fingerprint}})
             hit = (identity, self.policy.for_connection(identity, vpce_id))
             if len(self._cache) >= IDENTITY_CACHE:
                 self._cache.clear()
