@@ -84,6 +84,13 @@ def test_chunked_coding_name_is_case_insensitive(te: bytes) -> None:
     assert b"transfer-encoding" not in h.fields.lower()
 
 
+def test_lines_before_and_after_cut_ones_are_kept_exactly() -> None:
+    h = http1.parse_request_head(req(b"Accept: */*", b"Host: x", b"Keep-Alive: 5", b"X-Last: z"), SPOOFABLE)
+    assert h.fields == b"Accept: */*\r\nX-Last: z\r\n"
+    r = http1.parse_response_head(resp(b"Server: s", b"Connection: keep-alive", b"Content-Length: 0", b"X-Z: 1"))
+    assert r.fields == b"Server: s\r\nContent-Length: 0\r\nX-Z: 1\r\n"
+
+
 def test_a_single_header_named_in_connection_is_dropped() -> None:
     h = http1.parse_request_head(req(b"Host: x", b"Connection: X-Hop", b"X-Hop: 1", b"X-Kept: yes"), SPOOFABLE)
     assert h.fields == b"X-Kept: yes\r\n" and h.keep_alive
@@ -159,6 +166,11 @@ def test_find_head_end_limits() -> None:
 def test_find_head_end_waits_for_a_partial_request_line() -> None:
     assert http1.find_head_end(b"GET /ord") == -1
     assert http1.find_head_end(b"GET /" + b"a" * (http1.MAX_REQUEST_LINE - 5)) == -1  # exactly the longest line
+
+
+def test_find_head_end_names_an_endless_request_line_over_the_head_limit() -> None:
+    with pytest.raises(UriTooLong):  # not 431: the request line alone is the problem
+        http1.find_head_end(b"GET /" + b"a" * (http1.MAX_HEAD + 10))
 
 
 def test_find_head_end_limit_is_inclusive() -> None:
@@ -250,6 +262,26 @@ def test_chunked_decoding_refuses_oddities(data: bytes) -> None:
         feed_all(data, 1)
     with pytest.raises(BadRequest):
         feed_all(data, len(data))
+
+
+def test_chunk_lines_arriving_in_pieces_are_bounded_while_buffered() -> None:
+    """A size line (4 KiB) or trailer line (16 KiB) that never ends is refused as it grows, not buffered forever."""
+    dec = http1.ChunkedDecoder()
+    with pytest.raises(BadRequest, match="too long"):
+        for _ in range(100):
+            dec.feed(b"1;" + b"e" * 98)
+    dec = http1.ChunkedDecoder()
+    dec.feed(b"0\r\n")
+    for _ in range(80):  # an 8 KiB trailer line is fine: the trailer budget applies, not the size-line one
+        dec.feed(b"t" * 100 if _ else b"X-T: ")
+    pieces, rest = dec.feed(b"\r\n\r\n")
+    assert (pieces, rest) == ([], b"")
+
+
+def test_bare_lf_in_chunked_framing_is_named() -> None:
+    for data in (b"5\nhello\r\n0\r\n\r\n", b"5\r\nhello\r\n0\r\nX-T: a\n\r\n", b"5\r\r\nhello"):
+        with pytest.raises(BadRequest, match="bare LF or CR"):
+            feed_all(data, len(data))
 
 
 def test_chunked_decoder_counts_the_decoded_body_exactly() -> None:
