@@ -582,3 +582,9 @@ def test_config_is_frozen(tmp_path: Path) -> None:
         cfg.server.verify_depth = 5  # type: ignore[misc]
     changed = config.replace(cfg, allow_all_verified=True)
     assert changed.allow_all_verified and not cfg.allow_all_verified
+
+
+def test_address_prints_as_it_is_written_in_the_config() -> None:
+    """An address is named in error lines ("cannot listen on [::1]:9443"): IPv6 keeps its brackets."""
+    assert str(Address("::1", 9443)) == "[::1]:9443"
+    assert str(Address("0.0.0.0", 8443)) == "0.0.0.0:8443"
