@@ -322,6 +322,9 @@ def test_environment_only_configuration() -> None:
     cfg = load(None, env)
     assert cfg.source == "<environment>" and cfg.upstream.base_path == "" and cfg.watched_files == tuple(
         sorted(Path(p) for p in ("/c", "/k", "/ca")))
+    # a relative path in a variable is taken from the working directory at start (not at each reload)
+    cfg = load(None, {**env, "MTLS_PROXY_SERVER_CERT": "certs/server.crt"})
+    assert cfg.server.cert == PemSource(path=Path.cwd() / "certs/server.crt")
 
 
 # ---- upstream URL facts -------------------------------------------------------------------------------

@@ -153,12 +153,13 @@ def test_request_head_round_trips_through_the_parser() -> None:
                                             b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"),
     (599, b"", b"", b"HTTP/1.1 599 \r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\n"),
     (100, b"Continue", b"", b"HTTP/1.1 100 Continue\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\n"),
-], ids=["plain", "close", "keep-alive", "chunked-close", "empty-reason", "1xx"])
+    (799, b"Odd", b"", b"HTTP/1.1 799 Odd\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\n"),
+], ids=["plain", "close", "keep-alive", "chunked-close", "empty-reason", "1xx", "beyond-599"])
 def test_response_head(status: int, reason: bytes, extra: bytes, expected: bytes) -> None:
     assert response_head(status, reason, b"Content-Type: text/plain\r\nContent-Length: 2\r\n", extra) == expected
 
 
-@pytest.mark.parametrize("status", [100, 199, 200, 204, 304, 404, 502, 599])
+@pytest.mark.parametrize("status", [100, 199, 200, 204, 304, 404, 502, 599, 600, 999])  # the parser allows 3 digits
 def test_response_status_line_parses_back(status: int) -> None:
     head = response_head(status, b"Reason Phrase", b"Content-Length: 0\r\n", b"")
     resp = http1.parse_response_head(head)
