@@ -102,9 +102,8 @@ class UpstreamConfig:
 
     @property
     def host_header(self) -> str:
-        default = 443 if self.scheme == "https" else 80
         host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6 literal: RFC 3986 section 3.2.2
-        return host if self.port == default else f"{host}:{self.port}"
+        return host if self.port == 443 else f"{host}:{self.port}"  # the URL is always https (checked at load)
 
     @property
     def dial(self) -> Address:
