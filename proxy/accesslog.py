@@ -50,10 +50,6 @@ class AccessLog:
             self._json[value] = encoded
         return encoded
 
-    @property
-    def enabled(self) -> bool:
-        return self._fd is not None
-
     def _time(self) -> str:
         ms = int(time.time() * 1000)
         sec = ms // 1000

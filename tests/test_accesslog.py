@@ -163,10 +163,10 @@ async def test_rule_and_error_are_escaped_also_when_cached(pipe: Pipe, rule: str
     assert [(x["rule"], x["error"]) for x in lines(pipe.read())] == [(rule, error)] * 3
 
 
-async def test_disabled_log_writes_nothing() -> None:
+async def test_disabled_log_costs_nothing_per_request() -> None:
     log = AccessLog(asyncio.get_running_loop(), None)
-    assert not log.enabled
     write(log)
+    assert log._lines == [] and log._timer is None  # nothing formatted or buffered, no flush timer armed
     log.flush()
     log.close()
 

@@ -280,3 +280,11 @@ def test_families_can_be_built_again_from_the_same_snapshot() -> None:
     snap: Any = busy().snapshot()
     first = [(f.name, f.samples) for f in metrics.families(snap)]
     assert first == [(f.name, f.samples) for f in metrics.families(snap)] and len(first) == 12
+
+
+def test_status_label_for_any_three_digit_status() -> None:
+    """The parser lets upstream statuses up to 999 through; their label is still the number."""
+    m = Metrics()
+    m.request("GET", 799, "r", 0.001, None)
+    m.request("GET", 200, "r", 0.001, None)
+    assert m.requests == {("GET", "799", "r"): 1, ("GET", "200", "r"): 1}
