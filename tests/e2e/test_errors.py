@@ -256,6 +256,38 @@ async def test_413_while_streaming_chunked_aborts_the_upstream_request(
     await fwd_assert_alive(rp)
 
 
+@BOTH_LOOPS
+async def test_an_answer_before_the_request_body_ends_closes_both_connections(
+        fwd_scripted: StartScripted, fwd_proxy: StartProxy, fwd_client: Connect, fwd_assert_alive: Alive) -> None:
+    """An API may refuse an upload (401, 413) before reading it.  The answer reaches the client with
+    ``Connection: close``, and neither connection is used again: the rest of the body would be read as the next
+    request on either side (RFC 9112 §9.3)."""
+    bodies: list[bytes] = []
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if bodies:  # later connections (the liveness check) are served normally
+            await recorder([])(reader, writer)
+            return
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 4\r\n\r\nnope")  # keep-alive, as servers do
+        await writer.drain()
+        bodies.append(b"")
+        while chunk := await reader.read(65536):  # whatever else arrives on this connection
+            bodies[0] += chunk
+
+    up = await fwd_scripted(upstream)
+    rp = await fwd_proxy(up.port)
+    c = await fwd_client(rp)
+    await c.send(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"a" * 1000)
+    resp = await c.read_response()
+    assert (resp.status, resp.body) == (401, b"nope")
+    assert resp.header("connection") == "close"
+    assert await c.closed_by_peer()
+    await fwd_assert_alive(rp)  # served on a new upstream connection, not on the one holding half a body
+    assert up.connections == 2
+    assert b"HTTP/1.1" not in bodies[0]  # no request was ever sent where the upload's bytes were expected
+
+
 # ---- the upstream cannot be used -------------------------------------------------------------------------
 
 
