@@ -330,6 +330,31 @@ async def test_502_when_upstream_tls_fails(behaviour: str, code: str | None, fwd
         await server.wait_closed()
 
 
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc",
+    b"POST /slow HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+], ids=["no-body", "content-length", "chunked"])
+async def test_a_slow_answer_is_bounded_by_read_timeout_not_by_idle_timeout(
+        request_bytes: bytes, fwd_scripted: StartScripted, fwd_proxy: StartProxy, fwd_client: Connect) -> None:
+    """Once the request is complete, the wait for the answer is the upstream's (``upstream.read_timeout``): the
+    client's ``idle_timeout`` must not cut it, with or without a body."""
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            await asyncio.sleep(1.0)  # over three idle_timeouts, well inside read_timeout
+            writer.write(ok(b"late"))
+            await writer.drain()
+
+    up = await fwd_scripted(slow)
+    rp = await fwd_proxy(up.port, server={"idle_timeout": 0.3}, upstream={"read_timeout": 10})
+    c = await fwd_client(rp)
+    for _ in range(2):  # and the connection stays usable
+        await c.send(request_bytes)
+        resp = await c.read_response()
+        assert (resp.status, resp.body) == (200, b"late")
+
+
 @pytest.mark.parametrize("sent", [b"", b"HTTP/1.1 200 OK\r\nContent-"], ids=["nothing", "half-a-head"])
 async def test_504_without_response_head_within_read_timeout(
         sent: bytes, fwd_scripted: StartScripted, fwd_proxy: StartProxy, fwd_client: Connect) -> None:
