@@ -81,6 +81,19 @@ async def test_one_line_per_request_with_every_field(pki: Pki, auth_proxy: Proxy
     assert len(auth_upstream.requests) == 4
 
 
+async def test_a_streamed_download_is_logged_with_every_byte(pki: Pki, auth_proxy: ProxyFactory) -> None:
+    """A body that arrives in many reads (not the one-read fast path) is counted piece by piece."""
+    rp = await auth_proxy(rules=[{"name": "partner-a", "subject_cn": ["client-a"], "paths": ["/bytes/*"]}])
+    client = await RawClient.connect(rp.port, client_ctx(pki, "good"))
+    try:
+        resp = await client.request(get("/bytes/1000000"), timeout=30)
+    finally:
+        await client.close()
+    assert resp.status == 200 and len(resp.body) == 1_000_000
+    [line] = rp.access()
+    assert (line["path"], line["status"], line["bytes_out"]) == ("/bytes/1000000", 200, 1_000_000)
+
+
 async def test_upstream_failure_is_logged_with_its_code(pki: Pki, auth_proxy: ProxyFactory) -> None:
     rp = await auth_proxy(upstream_port=free_port(), rules=RULES)  # nothing listens there
     client = await RawClient.connect(rp.port, client_ctx(pki, "good"))
