@@ -418,6 +418,53 @@ async def test_request_body_is_streamed_not_buffered(framing: str, fwd_scripted:
     assert done[0].count(b"A") == 50_000 and done[0].count(b"B") == 50_000
 
 
+@BOTH_LOOPS
+async def test_upload_to_a_stalled_upstream_stops_reading_the_client(
+        fwd_scripted: StartScripted, fwd_proxy: StartProxy, fwd_client: Connect) -> None:
+    """Backpressure towards the client: while the upstream reads nothing, the proxy stops reading the upload (it
+    does not buffer it), and once the upstream reads again the whole body arrives intact."""
+    size, piece = 64 * 1024 * 1024, bytes(range(256)) * 256  # 64 MiB in 64 KiB pieces
+    go = asyncio.Event()
+    result: list[tuple[int, str]] = []
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await go.wait()  # read nothing: this side's buffers fill, then the proxy's
+        digest, n = hashlib.sha256(), 0
+        while n < size:
+            chunk = await reader.read(1 << 20)
+            assert chunk
+            digest.update(chunk)
+            n += len(chunk)
+        result.append((n, digest.hexdigest()))
+        writer.write(ok())
+        await writer.drain()
+        await reader.read()
+
+    up = await fwd_scripted(upstream)
+    rp = await fwd_proxy(up.port, server={"max_body_bytes": 2 * size})
+    c = await fwd_client(rp)
+    sent = 0
+
+    async def upload() -> None:
+        nonlocal sent
+        await c.send(b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+        while sent < size:
+            await c.send(piece)  # waits (drain) once nobody reads
+            sent += len(piece)
+
+    task = asyncio.create_task(upload())
+    await asyncio.sleep(2.0)  # the behaviour under test: how much the proxy took while the upstream read nothing
+    stalled_at = sent
+    assert stalled_at < size // 2, f"{stalled_at} bytes accepted while the upstream read nothing"
+    go.set()
+    await asyncio.wait_for(task, 60)
+    resp = await c.read_response(timeout=60)
+    assert resp.status == 200
+    expected = hashlib.sha256(piece * (size // len(piece))).hexdigest()
+    assert result == [(size, expected)]
+
+
 # ---- keep-alive and pipelining ----------------------------------------------------------------------------
 
 
