@@ -503,6 +503,21 @@ CHUNKED_RESPONSE = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nh
 CLOSE_RESPONSE = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nhello world"
 
 
+async def test_http10_keep_alive_client_is_told_the_connection_stays_open(
+        fwd_scripted: StartScripted, fwd_proxy: StartProxy, fwd_client: Connect) -> None:
+    """HTTP/1.0 closes by default (RFC 9112 §9.3): a client that asked for keep-alive must read the answer's
+    ``Connection: keep-alive`` to reuse the connection, which it then can."""
+    log: Recorded = []
+    up = await fwd_scripted(recorder(log))
+    rp = await fwd_proxy(up.port)
+    c = await fwd_client(rp)
+    for i in range(2):
+        resp = await c.request(b"GET /old%d HTTP/1.0\r\nConnection: keep-alive\r\n\r\n" % i)
+        assert resp.status == 200 and resp.body == b"GET /prod/old%d HTTP/1.1" % i
+        assert resp.header("connection") == "keep-alive"
+    assert len(log) == 2
+
+
 @pytest.mark.parametrize("response", [ok(b"hello world"), CHUNKED_RESPONSE, CLOSE_RESPONSE],
                          ids=["content-length", "chunked", "close-delimited"])
 async def test_http10_client_gets_a_framing_it_understands(response: bytes, fwd_scripted: StartScripted,
