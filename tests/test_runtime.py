@@ -3,21 +3,19 @@ per-connection header block with that connection's own address."""
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtensionOID, NameOID
+from cryptography.x509.oid import ExtensionOID
 
 from proxy import config as config_mod
 from proxy import runtime
 from proxy.errors import ConfigErrors
 from tests.harness import write_config
 from tests.pki import Pki
+from tests.test_identity import build, cn
 
 
 @pytest.fixture
@@ -75,21 +73,9 @@ def test_build_runtime_reports_every_problem(tmp_path: Path, pki: Pki) -> None:
     assert [e.key for e in info.value.errors] == ["server.key", "upstream.ca_bundle", "allow"]
 
 
-def _cert_with_truncated_san() -> bytes:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "svc")])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(7).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x05\x82"),
-                           critical=False)
-            .sign(key, hashes.SHA256()))
-    return cert.public_bytes(serialization.Encoding.DER)
-
-
 def test_unreadable_sans_are_logged_once_per_certificate(rt: runtime.Runtime, pki: Pki,
                                                          caplog: pytest.LogCaptureFixture) -> None:
-    der = _cert_with_truncated_san()
+    der = build([cn("svc")], (x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x05\x82"),))
     with caplog.at_level(logging.WARNING, logger="mtls_proxy"):
         first = rt.peer(der, "10.0.0.1", None)
         rt.peer(der, "10.0.0.2", None)  # a second connection with the same certificate: cached, not logged again
