@@ -150,7 +150,7 @@ def build_server_context(server: ServerConfig) -> tuple[ssl.SSLContext, list[Cer
 
     if server.crl is not None:
         crl_pem = read_pem(server.crl, "server.crl")
-        crls = _load_crls(crl_pem, server.crl)
+        crls = load_crls(crl_pem, server.crl)
         for crl in crls:
             nu = crl.next_update_utc
             facts.append(CertFact(f"crl:{_cn(crl.issuer)}", nu.timestamp() if nu else float("inf")))
@@ -179,7 +179,9 @@ def _no_password() -> bytes:
     raise _EncryptedKey
 
 
-def _load_crls(pem: bytes, source: PemSource) -> list[x509.CertificateRevocationList]:
+def load_crls(pem: bytes, source: PemSource) -> list[x509.CertificateRevocationList]:
+    """Every CRL in a PEM bundle (only the CRL blocks: other PEM blocks in the file are ignored); ConfigError
+    naming ``server.crl`` for a bad or missing one."""
     crls = []
     marker = b"-----BEGIN X509 CRL-----"
     for part in pem.split(marker)[1:]:
@@ -214,6 +216,9 @@ def build_upstream_context(upstream: UpstreamConfig) -> ssl.SSLContext:
     return ctx
 
 
+# The reasons a client handshake fails, as the metric labels them (a fixed set: every label exists from the start).
+HANDSHAKE_REASONS = ("no_cert", "untrusted", "expired", "revoked", "bad_purpose", "protocol", "timeout", "other")
+
 # OpenSSL X509_V_ERR_* codes (x509_vfy.h) grouped into the metric's fixed reason set.
 _VERIFY_REASONS = {
     9: "expired",  # CERT_NOT_YET_VALID: outside the validity window, like an expired one
@@ -227,7 +232,7 @@ _VERIFY_REASONS = {
 
 
 def handshake_failure_reason(exc: BaseException) -> str:
-    """One of no_cert, untrusted, expired, revoked, bad_purpose, protocol, timeout, other."""
+    """One of HANDSHAKE_REASONS."""
     # getattr: only errors raised by _ssl carry verify_code/reason; one built in Python code has neither.
     if isinstance(exc, ssl.SSLCertVerificationError):
         return _VERIFY_REASONS.get(getattr(exc, "verify_code", None), "other")  # type: ignore[arg-type]

@@ -301,3 +301,20 @@ def test_missing_config_file_process(tmp_path: Path) -> None:
     proc = run_check(tmp_path / "absent.toml")
     assert (proc.returncode, proc.stdout) == (1, "")
     assert proc.stderr == f"error: {tmp_path / 'absent.toml'}: config file not found\n"
+
+
+def test_a_fast_path_this_python_cannot_use_is_a_warning(tmp_path: Path, pki: Pki, files: Files,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy import openssl
+
+    # a CPython whose ssl object layout the bridge has not checked: no pointer can be proven
+    monkeypatch.setattr(openssl, "_LAYOUT_VERSIONS", ((3, 0), (3, 1)))
+    errors, warnings = check_mod.check(str(config(tmp_path, pki, files)))
+    # the chain depth limit is a security setting: without it the configuration is refused, naming the key
+    assert len(errors) == 1 and errors[0].startswith("server.verify_depth: cannot enforce the chain depth limit")
+    monkeypatch.undo()
+    monkeypatch.setattr(openssl, "enable_read_ahead", lambda ctx: False)  # only a fast path is missing
+    errors, warnings = check_mod.check(str(config(tmp_path, pki, files)))
+    assert errors == []
+    assert warnings == ["openssl: fast path read_ahead off: not set on the server and upstream context; two read() "
+                        "calls per record"]
