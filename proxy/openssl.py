@@ -133,7 +133,7 @@ def _check_layout() -> None:
         raise Unavailable(f"CPython {sys.version_info[0]}.{sys.version_info[1]}: ssl object layout not checked "
                           f"for this version")
     if (_ssl._SSLContext.__basicsize__ < _CTX_OFFSET + _POINTER
-            or _ssl._SSLSocket.__basicsize__ < _SSL_OFFSET + _POINTER):
+            or _ssl._SSLSocket.__basicsize__ < _SSL_OFFSET + _POINTER):  # type: ignore[attr-defined]
         raise Unavailable("the _ssl objects are smaller than the layout this bridge reads")
 
 
@@ -171,7 +171,7 @@ def _proven_ssl(sock: ssl.SSLSocket | ssl.SSLObject) -> int:
         raise Unavailable("the socket has no TLS object yet")
     import _ssl
 
-    if type(tls) is not _ssl._SSLSocket:
+    if type(tls) is not _ssl._SSLSocket:  # type: ignore[attr-defined]
         raise Unavailable(f"unexpected TLS object type {type(tls).__name__}")
     ctx_ptr = _proven_ctx(sock.context)
     ptr = _ssl_address(tls)

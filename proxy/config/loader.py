@@ -324,7 +324,7 @@ def _build(values: dict[str, dict[str, Any]], top: dict[str, Any], rules: tuple[
             c.add(src_key, f"environment variable {src.env} is not set")
 
     allow_all = top.get("allow_all_verified", False)
-    names = set()
+    names: set[str] = set()
     for i, rule in enumerate(rules):
         _check_rule(c, f"{rules_key}[{i}]", rule, names, server.proxy_protocol)
     # Rules that were given but are broken already have their lines; "no rules" would be a second one.
