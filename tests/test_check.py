@@ -1,5 +1,5 @@
 """``mtls-proxy check``: exit 0 and "ok" for a good configuration, one line per problem (exit 1), and the
-warnings of issue 2 item 8 (exit 0).
+warnings (exit 0).
 
 The certificates whose validity matters (a server certificate expiring in 10 days, a CA expiring in 20, CRLs
 whose next update has passed or is near) are made here with ``cryptography``; the session PKI's own CAs and
