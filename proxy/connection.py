@@ -14,6 +14,11 @@ upstream fails after the response started, the client connection is reset rather
 body can never look complete; a request is retried only when nothing of it can have been processed (idempotent
 method, no body, a reused connection that returned nothing).
 
+The connection holds its slot under ``max_connections`` (``proxy.slots``) from the hand-over until
+``connection_lost``, which releases it in a ``finally``: the transport always ends in ``connection_lost``, and
+every way this class ends a connection goes through the transport (``_close``, ``abort``).  A graceful close
+with output still buffered is bounded too: a client that stops reading is reset after ``idle_timeout``.
+
 Must not: parse bytes itself (``proxy.http1``), build header values (``proxy.headers``), or dial (``proxy.forward``).
 """
 
@@ -45,6 +50,7 @@ if TYPE_CHECKING:
     from .forward import UpstreamConnection
     from .http1 import RequestHead, ResponseHead
     from .server import ProxyServer
+    from .slots import Slot
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -68,9 +74,10 @@ class Peer:
 
 
 class ClientConnection(asyncio.Protocol):
-    def __init__(self, server: ProxyServer, peer: Peer) -> None:
+    def __init__(self, server: ProxyServer, peer: Peer, slot: Slot | None = None) -> None:
         self.srv = server
         self.peer = peer
+        self.slot = slot
         self.loop = server.loop
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.state = _HEAD
@@ -132,16 +139,20 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         was = self.state
         self.state = _CLOSED
-        self.deadline.cancel()
-        if self.connect_task is not None:
-            self.connect_task.cancel()
-        up = self.up
-        if up is not None:
-            self.up = None
-            up.close()
-        if self.req is not None and was in (_BODY, _WAIT):
-            self._log(499 if not self.started else self.status, "client_closed")
-        self.srv.connection_closed(self)
+        try:
+            self.deadline.cancel()
+            if self.connect_task is not None:
+                self.connect_task.cancel()
+            up = self.up
+            if up is not None:
+                self.up = None
+                up.close()
+            if self.req is not None and was in (_BODY, _WAIT):
+                self._log(499 if not self.started else self.status, "client_closed")
+        finally:
+            self.srv.connection_closed(self)
+            if self.slot is not None:
+                self.slot.release()  # may be the last slot a drain waits for
 
     def pause_writing(self) -> None:
         # The client is slower than the upstream: stop reading the upstream, bound the wait.
@@ -231,6 +242,16 @@ class ClientConnection(asyncio.Protocol):
                 self.data_received(rest)
 
     async def _connect(self) -> None:
+        try:
+            await self._dial_and_bind()
+        except Exception as exc:  # a bug must end this connection, not leave it waiting without a deadline
+            log.error("connection failed: unexpected error while connecting upstream", exc_info=exc)
+            self.connect_task = None
+            if self.state != _CLOSED:
+                self.state = _CLOSED
+                self._abort_both()
+
+    async def _dial_and_bind(self) -> None:
         try:
             up = await self.srv.pool.connect()
         except asyncio.CancelledError:
@@ -473,9 +494,7 @@ class ClientConnection(asyncio.Protocol):
         self.bytes_out = body  # the access log counts the error body the client got, like any other body
         self._log(exc.status, exc.code)
         if close:
-            self.state = _CLOSED
-            self.deadline.cancel()
-            self.transport.close(linger=True)  # type: ignore[call-arg]  # TLSTransport: see Lingerer
+            self._close(linger=True)
         else:
             self.keep = True
             self.req_done = True
@@ -486,9 +505,7 @@ class ClientConnection(asyncio.Protocol):
         if self.state == _CLOSED:
             return
         if not self.keep or self.closing or self.srv.draining or not self.req_done:
-            self.state = _CLOSED
-            self.deadline.cancel()
-            self.transport.close()
+            self._close()
             return
         rest = self.buf
         self.buf = b""
@@ -512,14 +529,33 @@ class ClientConnection(asyncio.Protocol):
         srv.access_log.write(self.peer.log_prefix, self.rule, method, req.target if req is not None else b"-",
                              status, self.bytes_in, self.bytes_out, duration, upstream, error)
 
+    def _close(self, linger: bool = False) -> None:
+        """Close gracefully: buffered output, then close_notify.  A client that does not read that output within
+        ``idle_timeout`` is reset (``_on_timeout``), so a close can never hold the slot for good."""
+        self.state = _CLOSED
+        self.deadline.set(self.srv.cfg.server.idle_timeout)  # cancelled by connection_lost
+        if linger:
+            self.transport.close(linger=True)  # type: ignore[call-arg]  # TLSTransport: see Lingerer
+        else:
+            self.transport.close()
+
     # -- timeouts, flow control, drain -------------------------------------------------------------------
     def _on_timeout(self) -> None:
-        if self.state == _HEAD:
+        try:
+            self._timed_out()
+        except Exception as exc:  # a bug must not leave the connection (and its slot) without a deadline
+            log.error("connection failed: unexpected error in a timeout", exc_info=exc)
+            self.state = _CLOSED
+            self._abort_both()
+
+    def _timed_out(self) -> None:
+        if self.state == _CLOSED:
+            self.transport.abort()  # closed, but the client has not read the rest for idle_timeout
+        elif self.state == _HEAD:
             if self.buf.strip(b"\r\n"):
                 self._refuse(RequestTimeout("request head not complete within server.header_timeout"), True)
             else:
-                self.state = _CLOSED
-                self.transport.close()  # idle keep-alive connection
+                self._close()  # idle keep-alive connection
         elif self.state == _BODY and not self.started:
             self._abort_request(RequestTimeout("request body stalled longer than server.idle_timeout"))
         elif self.state != _CLOSED:
@@ -541,9 +577,7 @@ class ClientConnection(asyncio.Protocol):
         """Drain: close now if idle, else let the current exchange finish with ``Connection: close``."""
         self.closing = True
         if self.state == _HEAD and not self.buf:
-            self.state = _CLOSED
-            self.deadline.cancel()
-            self.transport.close()
+            self._close()
 
     def abort(self) -> None:
         if self.state != _CLOSED:
