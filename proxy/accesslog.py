@@ -6,8 +6,10 @@ when ``FLUSH_BYTES`` accumulate, so a busy proxy does not pay one write syscall 
 what is left, so a drain loses no lines.
 
 Fields: time (UTC, ms), client, vpce, subject, fingerprint, rule, method, path (as received), status, bytes_in
-(request body), bytes_out (response body), duration_ms, upstream_ms, error (machine code or null).  No header
-values, no bodies, no keys: nothing secret.
+(request body), bytes_out (response body), duration_ms, upstream_ms, error (machine code or null), and only on
+a request whose start had already been sent upstream when the proxy cut it (a malformed chunk or too much body
+later in the stream, a client that stalled or left mid-body): ``"upstream_aborted":true``.  No header values, no
+bodies, no keys: nothing secret.
 
 Must not: block the event loop for long (a line is appended to a list), or log anything a client sent other than
 method and request target (both restricted to visible ASCII by the parser, JSON-escaped here).
@@ -24,6 +26,7 @@ FLUSH_INTERVAL = 0.25
 FLUSH_BYTES = 64 * 1024
 PIPE_BUF = 4096
 _MILLIS = tuple(f"{i:03d}Z" for i in range(1000))  # the end of every timestamp, formatted once
+_ABORTED = ',"upstream_aborted":true'
 
 
 def connection_prefix(client: str, vpce_id: str | None, subject: str, fingerprint: str) -> str:
@@ -59,7 +62,8 @@ class AccessLog:
         return self._stamp + _MILLIS[ms - sec * 1000]
 
     def write(self, prefix: str, rule: str | None, method: str, target: bytes, status: int, bytes_in: int,
-              bytes_out: int, duration: float, upstream: float | None, error: str | None) -> None:
+              bytes_out: int, duration: float, upstream: float | None, error: str | None,
+              upstream_aborted: bool = False) -> None:
         if self._fd is None:
             return
         # Rule names and error codes come from small fixed sets: JSON-encode each once.  The method is an HTTP
@@ -72,7 +76,8 @@ class AccessLog:
         line = (f'{{"time":"{self._time()}",{prefix},"rule":{rule_j},"method":"{method}","path":{path_j},'
                 f'"status":{status},"bytes_in":{bytes_in},"bytes_out":{bytes_out},'
                 f'"duration_ms":{duration * 1000:.3f},'
-                f'"upstream_ms":{"null" if upstream is None else f"{upstream * 1000:.3f}"},"error":{error_j}}}\n')
+                f'"upstream_ms":{"null" if upstream is None else f"{upstream * 1000:.3f}"},"error":{error_j}'
+                f'{_ABORTED if upstream_aborted else ""}}}\n')
         self._lines.append(line)
         self._size += len(line)
         if self._size >= FLUSH_BYTES:

@@ -108,6 +108,7 @@ class ClientConnection(asyncio.Protocol):
         self.bytes_in = 0
         self.bytes_out = 0
         self.started = False  # response head written to the client
+        self.sent_up = False  # some of this request was written to an upstream connection
         self.framing = _F_NONE
         self.keep = False
         self.status = 0
@@ -215,31 +216,52 @@ class ClientConnection(asyncio.Protocol):
         if srv.base_path:
             target = srv.base_path + target
         head_out = request_head(req.method, target, req.fields, self.peer.block, req.chunked)
+        after: bytes | None = None  # the bytes behind a body that is complete in ``rest``
         if req.has_body:
             self.state = _BODY
+            body = b""
             if req.chunked:
                 self.decoder = http1.ChunkedDecoder()
+                if rest:
+                    # Every framing byte already here is decoded before anything goes upstream: a request whose
+                    # chunked framing is already known to be broken (or too large) is answered and never
+                    # forwarded -- the upstream sees no request at all.  The decoded result is what is sent.
+                    try:
+                        body, after, n = self._decode(rest)
+                    except ProxyError as exc:
+                        self._refuse(exc, close=True)
+                        return
+                    self.bytes_in = n
             else:
-                self.body_left = req.content_length or 0
+                left = req.content_length or 0
+                if rest:
+                    body, rest = (rest, b"") if len(rest) <= left else (rest[:left], rest[left:])
+                    left -= len(body)
+                    self.bytes_in = len(body)
+                self.body_left = left
+                if left == 0:
+                    after = rest
+            rest = b""
+            out = head_out + body if body else head_out
             self.deadline.set(cfg.server.idle_timeout)
         else:
             self.state = _WAIT
             self.req_done = True
-            self.head_out = head_out  # kept for a retry on a stale pooled connection
+            self.head_out = out = head_out  # kept for a retry on a stale pooled connection
             self.deadline.clear()
         if req.expect_continue:
             self.transport.write(CONTINUE)
         up = srv.pool.acquire_idle()
         if up is not None:
-            self._bind(up, head_out)
+            self._bind(up, out)  # head and the body in hand: one write upstream
         else:
-            self.pending = [head_out]
+            self.pending = [out]
+            self.pending_size = len(out) - len(head_out)
             self.connect_task = self.loop.create_task(self._connect())
-        if rest:
-            if self.state == _BODY:
-                self._body(rest)
-            else:
-                self.data_received(rest)
+        if after is not None:
+            self._body_done(after)
+        elif rest:
+            self.data_received(rest)  # a pipelined next request (waits in self.buf)
 
     async def _connect(self) -> None:
         try:
@@ -279,6 +301,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _bind(self, up: UpstreamConnection, data: bytes) -> None:
         self.up = up
+        self.sent_up = True
         self.t_up = perf_counter()
         assert self.req is not None
         up.begin(self, self.req.method == "HEAD", data)
@@ -300,24 +323,32 @@ class ClientConnection(asyncio.Protocol):
                 self._body_done(rest)
             return
         try:
-            pieces, rest2 = dec.feed(data)
+            out, rest2, n = self._decode(data)
         except ProxyError as exc:
-            self._abort_request(exc)
+            self._abort_request(exc)  # a later error in a streamed body: the upstream request is cut
             return
-        if dec.total > self.srv.cfg.server.max_body_bytes:
-            self._abort_request(PayloadTooLarge(
-                f"request body larger than {self.srv.cfg.server.max_body_bytes} bytes"))
-            return
-        out: list[bytes] = []
-        for p in pieces:
-            self.bytes_in += len(p)
-            out += http1.chunk(p)
-        if rest2 is not None:
-            out.append(http1.LAST_CHUNK)
+        self.bytes_in += n
         if out:
-            self._send_up(b"".join(out))
+            self._send_up(out)
         if rest2 is not None:
             self._body_done(rest2)
+
+    def _decode(self, data: bytes) -> tuple[bytes, bytes | None, int]:
+        """Chunked body bytes re-framed for the upstream, the bytes after the body (None: more body to come) and
+        the body bytes they carry.  Raises BadRequest (malformed framing) or PayloadTooLarge."""
+        dec = self.decoder
+        assert dec is not None
+        pieces, rest = dec.feed(data)
+        if dec.total > self.srv.cfg.server.max_body_bytes:  # declared sizes count before their data arrives
+            raise PayloadTooLarge(f"request body larger than {self.srv.cfg.server.max_body_bytes} bytes")
+        out: list[bytes] = []
+        n = 0
+        for p in pieces:
+            n += len(p)
+            out += http1.chunk(p)
+        if rest is not None:
+            out.append(http1.LAST_CHUNK)
+        return b"".join(out), rest, n
 
     def _body_done(self, rest: bytes) -> None:
         self.req_done = True
@@ -526,8 +557,11 @@ class ClientConnection(asyncio.Protocol):
         upstream = (self.t_up_end or now) - self.t_up if self.t_up is not None else None
         method = req.method if req is not None else "-"
         srv.metrics.request(method, status, self.rule, duration, upstream)
+        # upstream_aborted: part of this request went upstream and that upstream request was cut before the
+        # request was complete (a bad chunk or too much body later in the stream, a stalled or vanished client)
         srv.access_log.write(self.peer.log_prefix, self.rule, method, req.target if req is not None else b"-",
-                             status, self.bytes_in, self.bytes_out, duration, upstream, error)
+                             status, self.bytes_in, self.bytes_out, duration, upstream, error,
+                             self.sent_up and not self.req_done)
 
     def _close(self, linger: bool = False) -> None:
         """Close gracefully: buffered output, then close_notify.  A client that does not read that output within
