@@ -72,7 +72,7 @@ class ProxyServer:
         self._publish_facts(self.runtime)
         self._stamps = _stamp_all(self.cfg.watched_files)
         self.pool = UpstreamPool(self.loop, self.cfg.upstream, self.runtime.upstream_context)
-        self.access_log = AccessLog(self.loop, self._access_fd)
+        self.access_log = AccessLog(self.loop, self._access_fd, self.metrics)
         self.lingerer = Lingerer(self.loop, limit=self.cfg.server.max_connections)
         listen = self.cfg.server.listen
         if sock is None:
