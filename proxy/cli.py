@@ -73,7 +73,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .runtime import build_runtime
 
     try:
-        build_runtime(cfg)  # fail fast with one line per bad file, before binding anything
+        # Fail fast with one line per bad file, before binding anything; the snapshot built here is the one the
+        # server starts with (reading and parsing every certificate twice would double the start-up work).
+        runtime = build_runtime(cfg)
     except ConfigErrors as exc:
         for err in exc.errors:
             print(f"error: {err}", file=sys.stderr)
@@ -82,11 +84,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     control = os.environ.get(CONTROL_ENV)
     if cfg.server.workers > 1 and control is None:
+        del runtime  # the supervisor serves no TLS: each worker builds and uses its own
         return supervise(cfg)
     from .server import run
 
     try:
-        return _run(lambda: run(cfg, control_fd=int(control) if control else None))
+        return _run(lambda: run(cfg, control_fd=int(control) if control else None, runtime=runtime))
     except OSError as exc:
         print(f"error: {_bind_error(cfg, exc)}", file=sys.stderr)
         return 1

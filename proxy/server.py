@@ -178,11 +178,12 @@ def _unreloadable_changes(old: Config, new: Config) -> list[str]:
     return changed
 
 
-async def run(cfg: Config, *, control_fd: int | None = None) -> int:
+async def run(cfg: Config, *, control_fd: int | None = None, runtime: Runtime | None = None) -> int:
     """The whole life of one proxy process.  Returns the exit status.
 
     With ``control_fd`` this is a worker of ``proxy.supervisor``: no admin port of its own, its state is
-    reported over the control socket instead.
+    reported over the control socket instead.  ``runtime``: the snapshot the command line already built (and
+    checked) from ``cfg``; without it one is built here.
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -198,7 +199,7 @@ async def run(cfg: Config, *, control_fd: int | None = None) -> int:
         control = WorkerControl(control_fd, lambda: {"ready": server.ready, "metrics": server.metrics.snapshot()})
         control.start(loop)
     try:
-        await server.start()
+        await server.start(runtime=runtime)
     except BaseException:
         if admin is not None:
             await admin.stop()
