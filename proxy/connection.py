@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 from . import http1
 from .deadline import Deadline
 from .errors import (
+    BadRequest,
     Forbidden,
     PayloadTooLarge,
     ProxyError,
@@ -133,9 +134,25 @@ class ClientConnection(asyncio.Protocol):
                 self._update_reading()
 
     def eof_received(self) -> bool:
-        # The client finished sending (close_notify).  An exchange in progress can still deliver its response
-        # only if the transport stays open, which a TLS transport cannot (no half-close): close now.
-        return False
+        """The client's close_notify: it sends nothing more.
+
+        TLS 1.3 closes only the sender's side (RFC 8446 §6.1), so a client may send its request and then
+        close_notify and still read the answer.  A complete request in flight is answered, with
+        ``Connection: close``, and then the connection is closed: nothing after the close_notify is read, and a
+        request pipelined before it is not started.  A request body cut short by it can never complete: the
+        upstream request is aborted and the client told 400.  TLS 1.2 requires the receiver of a close_notify to
+        answer with its own at once and discard pending writes (RFC 5246 §7.2.1): the connection closes now.
+        """
+        if self.state not in (_WAIT, _BODY) or self.req is None or not self._half_close_allowed():
+            return False
+        self.closing = True  # no next request; the response says Connection: close
+        if self.state == _BODY and not self.req_done:
+            self._abort_request(BadRequest("the client closed its sending side before the request body ended"))
+        return True
+
+    def _half_close_allowed(self) -> bool:
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        return ssl_object is not None and ssl_object.version() == "TLSv1.3"
 
     def connection_lost(self, exc: Exception | None) -> None:
         was = self.state

@@ -160,7 +160,7 @@ class TLSTransport(asyncio.Transport):
 
     __slots__ = ("_loop", "_sock", "_fd", "_protocol", "_wbuf", "_wsize", "_high", "_low", "_closing",
                  "_closed", "_reading", "_writer_on", "_read_wants_write", "_protocol_paused", "_peer", "_recv",
-                 "_send", "_pending", "_lingerer", "_linger")
+                 "_send", "_pending", "_lingerer", "_linger", "_at_eof")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, protocol: asyncio.Protocol,
                  extra: dict[str, Any] | None = None, lingerer: Lingerer | None = None) -> None:
@@ -181,6 +181,7 @@ class TLSTransport(asyncio.Transport):
         self._writer_on = False
         self._read_wants_write = False
         self._protocol_paused = False
+        self._at_eof = False  # the peer's close_notify was read: it sends nothing more, reading never resumes
         # The C-level TLS object behind the SSLSocket: SSLSocket.recv/send/pending only add Python-level checks
         # that cannot fail here (no flags; suppress_ragged_eofs is False), and this is the per-record hot path.
         tls = getattr(sock, "_sslobj", None)
@@ -291,7 +292,7 @@ class TLSTransport(asyncio.Transport):
             self._stop_reading()
 
     def resume_reading(self) -> None:
-        if self._reading or self._closing or self._closed:
+        if self._reading or self._closing or self._closed or self._at_eof:
             return
         self._reading = True
         if not self._read_wants_write:
@@ -341,6 +342,8 @@ class TLSTransport(asyncio.Transport):
                 return
 
     def _eof(self) -> None:
+        """The peer's close_notify.  The protocol may keep the connection open to write (TLS 1.3 half-close)."""
+        self._at_eof = True
         self._stop_reading()
         try:
             keep_open = self._protocol.eof_received()
