@@ -82,7 +82,7 @@ class ProxyServer:
         self._listener.start()
         self.ready = True
         log.info("listening", extra={"fields": {"address": f"{self.address[0]}:{self.address[1]}",
-                                                "upstream": self.cfg.upstream.url}})
+                                                "upstream": self.cfg.upstream.url, "loop": _loop_name(self.loop)}})
 
     @property
     def active(self) -> int:
@@ -152,6 +152,11 @@ class ProxyServer:
         await asyncio.sleep(0)  # let connection_lost callbacks run
         self.lingerer.close_all()
         self.access_log.close()
+
+
+def _loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    """"uvloop" or "asyncio": which event loop this process really runs on (``serve --loop``)."""
+    return "uvloop" if type(loop).__module__.split(".")[0] == "uvloop" else "asyncio"
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:

@@ -240,13 +240,16 @@ def _fmt(addr: tuple[str, int]) -> str:
     return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
 
 
-def supervise(cfg: Config) -> int:
-    argv = [sys.executable, "-m", "proxy", "serve"]
+def supervise(cfg: Config, loop: str = "auto") -> int:
+    """Run the supervisor (on the event loop ``loop`` names, as ``serve --loop``; its workers get the same)."""
+    argv = [sys.executable, "-m", "proxy", "serve", "--loop", loop]
     if cfg.source not in ("<environment>", "<defaults>"):
         argv += ["--config", cfg.source]
-    try:
-        import uvloop
-
-        return uvloop.run(_supervise(cfg, argv))
-    except ImportError:  # pragma: no cover
-        return asyncio.run(_supervise(cfg, argv))
+    if loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover
+            pass
+        else:
+            return uvloop.run(_supervise(cfg, argv))
+    return asyncio.run(_supervise(cfg, argv))
