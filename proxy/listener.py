@@ -185,28 +185,33 @@ class Incoming:
             self.unexpected("connection setup failed", exc)
 
     def _read_header(self) -> None:
-        try:
-            chunk = self.sock.recv(self.need - len(self.buf))  # never more than the header: TLS bytes stay queued
-        except BlockingIOError:
-            return
-        except OSError:
-            self._close(reset=True)
-            return
-        if not chunk:
-            self._proxy_error(pp.ProxyProtocolError("truncated", "connection closed inside the PROXY header"))
-            return
-        self.buf += chunk
-        if len(self.buf) < self.need:
-            return
-        try:
-            if self.need == pp.PREFIX_LEN:
-                self.need += pp.remaining_length(self.buf)
-                if len(self.buf) < self.need:
-                    return
-            info = pp.parse(self.buf)
-        except pp.ProxyProtocolError as exc:
-            self._proxy_error(exc)
-            return
+        # Read on until the socket has nothing more (EAGAIN), not once per callback: uvloop (libuv) answers
+        # EPOLLERR -- a reset right behind the bytes -- by running this callback once and then dropping the
+        # watcher, so a reset not read now would leave the socket (and its slot) waiting for proxy_protocol_timeout.
+        while True:
+            try:
+                chunk = self.sock.recv(self.need - len(self.buf))  # never past the header: TLS bytes stay queued
+            except BlockingIOError:
+                return
+            except OSError:
+                self._close(reset=True)
+                return
+            if not chunk:
+                self._proxy_error(pp.ProxyProtocolError("truncated", "connection closed inside the PROXY header"))
+                return
+            self.buf += chunk
+            if len(self.buf) < self.need:
+                continue
+            try:
+                if self.need == pp.PREFIX_LEN:
+                    self.need += pp.remaining_length(self.buf)
+                    if len(self.buf) < self.need:
+                        continue
+                info = pp.parse(self.buf)
+            except pp.ProxyProtocolError as exc:
+                self._proxy_error(exc)
+                return
+            break
         self.local = info.local
         if info.src_addr is not None:
             self.client_addr = info.src_addr
