@@ -22,6 +22,9 @@ CATEGORIES = {
     "test_degradation": "graceful degradation (max_connections, upstream down)",
     "test_scanner": "TLS scanner view (sslyze)",
     "test_regressions": "regressions (the bugs this suite found)",
+    "test_fault_storm": "fault storm (1,000 connections failing at every stage; slot, fd and pool leaks)",
+    "test_framing_in_hand": "malformed chunked bodies never reach the upstream",
+    "test_log_backpressure": "stalled log driver (real pipe, stopped reader)",
 }
 
 
