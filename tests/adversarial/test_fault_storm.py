@@ -39,7 +39,7 @@ from pathlib import Path
 import pytest
 
 from proxy import proxy_protocol as pp_lib
-from tests.adversarial.figures import Figures
+from tests.adversarial.figures import STORM_STAGES, Figures, StormRun
 from tests.adversarial.recorder import RecordingUpstream
 from tests.adversarial.target import metrics, settled_fds, spawn, wait_fds
 from tests.e2e.conftest import eventually
@@ -155,7 +155,7 @@ STORM = int(os.environ.get("ADVERSARIAL_STORM_CONNECTIONS") or 1000)
 FIN_WAIT = 15.0  # a FIN the proxy does not answer within this is a connection it failed to notice
 BIG = 300_000  # a download that takes several reads: "while the response streams" is a real state
 
-# stage -> (ways, weight); the PROXY header stages only exist with proxy_protocol on
+# stage -> (ways, weight), in STORM_STAGES order; the PROXY header stages only exist with proxy_protocol on
 STAGES: dict[str, tuple[tuple[str, ...], int]] = {
     "before-accept": (("reset", "fin"), 2),
     "in-proxy-header": (("reset", "fin"), 1),
@@ -169,6 +169,7 @@ STAGES: dict[str, tuple[tuple[str, ...], int]] = {
     "served": (("close_notify",), 1),  # a whole exchange in the mix: the pool is used, released, reused
 }
 PP_ONLY = {"in-proxy-header", "after-proxy-header"}
+assert tuple(STAGES) == STORM_STAGES
 
 
 class Cut(Exception):
@@ -464,4 +465,6 @@ async def test_fault_storm_leaves_nothing_behind(pp_on: bool, loop: str, pki: Pk
                f"connections {upstream_conns} opened / 0 left open / 0 anomalies, a new client served in "
                f"{served_after * 1000:.0f} ms, SIGTERM drain {drain_s * 1000:.0f} ms, no traceback")
     print(summary)
-    figures.note(summary)
+    figures.storm(StormRun(pp_on, loop, seed, STORM, storm_s, rejected, dict(stats.tried),
+                           int(s.get("mtls_proxy_connections_active")), baseline, fds_after, upstream_conns, 0, 0,
+                           served_after * 1000, drain_s * 1000))
