@@ -118,8 +118,9 @@ class AccessLog:
         line = (f'{{"time":"{self._time()}",{prefix},"rule":{rule_j},"method":"{method}","path":{path_j},'
                 f'"status":{status},"bytes_in":{bytes_in},"bytes_out":{bytes_out},'
                 f'"duration_ms":{duration * 1000:.3f},'
-                f'"upstream_ms":{"null" if upstream is None else f"{upstream * 1000:.3f}"},"error":{error_j}'
-                f'{_ABORTED if upstream_aborted else ""}}}\n')
+                f'"upstream_ms":{"null" if upstream is None else f"{upstream * 1000:.3f}"},"error":{error_j}}}\n')
+        if upstream_aborted:  # rare: kept out of the common line's formatting
+            line = line[:-2] + _ABORTED + "}\n"
         self._lines.append(line)
         self._size += len(line)
         if self._size >= FLUSH_BYTES:

@@ -578,7 +578,7 @@ class ClientConnection(asyncio.Protocol):
         # request was complete (a bad chunk or too much body later in the stream, a stalled or vanished client)
         srv.access_log.write(self.peer.log_prefix, self.rule, method, req.target if req is not None else b"-",
                              status, self.bytes_in, self.bytes_out, duration, upstream, error,
-                             self.sent_up and not self.req_done)
+                             not self.req_done and self.sent_up)
 
     def _close(self, linger: bool = False) -> None:
         """Close gracefully: buffered output, then close_notify.  A client that does not read that output within
