@@ -101,6 +101,11 @@ async def setup(ops: Ops) -> tuple[InProcess, Recording]:
     return ip, handler
 
 
+async def close_notify_seen(ip: InProcess) -> None:
+    """Until the proxy has read the client's close_notify (its one connection is finishing, not reading)."""
+    await eventually(lambda: asyncio.sleep(0, any(c.closing for c in ip.server.connections)))
+
+
 async def slot_back(ip: InProcess) -> None:
     async def probe() -> bool:
         return (await scrape(ip.admin_addr)).get("mtls_proxy_connections_active") == 0
@@ -130,8 +135,8 @@ async def test_tls13_close_notify_while_the_upstream_is_still_working(ops: Ops) 
     exchange = asyncio.ensure_future(asyncio.to_thread(
         half_close, ip.port, client_ctx(ops.pki, tls_max=TLS13), b"GET /hc/slow HTTP/1.1\r\n" + H + b"\r\n"))
     await asyncio.wait_for(up.got_slow.wait(), 10)
-    await asyncio.sleep(0.3)  # the close_notify is in: the proxy must still be waiting for the answer
-    assert not exchange.done()
+    await close_notify_seen(ip)  # the close_notify is in: the proxy must still be waiting for the answer
+    assert not exchange.done() and len(ip.server.connections) == 1
     up.gate.set()
     r = await asyncio.wait_for(exchange, 20)
     resp = parse_response(r.data)
@@ -142,13 +147,17 @@ async def test_tls13_close_notify_while_the_upstream_is_still_working(ops: Ops) 
 @BOTH_LOOPS
 async def test_tls13_nothing_after_the_first_exchange_is_started(ops: Ops) -> None:
     ip, up = await setup(ops)
-    two = b"GET /hc/first HTTP/1.1\r\n" + H + b"\r\nGET /hc/second HTTP/1.1\r\n" + H + b"\r\n"
-    r = await asyncio.to_thread(half_close, ip.port, client_ctx(ops.pki, tls_max=TLS13), two)
+    two = b"GET /hc/slow-first HTTP/1.1\r\n" + H + b"\r\nGET /hc/second HTTP/1.1\r\n" + H + b"\r\n"
+    exchange = asyncio.ensure_future(asyncio.to_thread(half_close, ip.port, client_ctx(ops.pki, tls_max=TLS13), two))
+    await asyncio.wait_for(up.got_slow.wait(), 10)  # the first is in flight when the close_notify comes
+    await close_notify_seen(ip)
+    up.gate.set()
+    r = await asyncio.wait_for(exchange, 20)
     resp = parse_response(r.data)
-    assert resp.status == 200 and resp.body == b"GET /prod/hc/first HTTP/1.1"
+    assert resp.status == 200 and resp.body == b"GET /prod/hc/slow-first HTTP/1.1"
     assert r.data.count(b"HTTP/1.1 200") == 1 and r.end == "close_notify", r
     await slot_back(ip)
-    assert up.lines == [b"GET /prod/hc/first HTTP/1.1"]
+    assert up.lines == [b"GET /prod/hc/slow-first HTTP/1.1"]
 
 
 @BOTH_LOOPS
