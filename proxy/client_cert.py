@@ -26,7 +26,12 @@ import base64
 import hashlib
 from collections.abc import Iterable, Sequence
 
-__all__ = ["byte_sequence", "byte_sequence_list", "sent_intermediates", "x5t_s256", "x5t_s256_of_digest"]
+__all__ = ["CLIENT_CERT_NAMES", "byte_sequence", "byte_sequence_list", "rfc9440_lines", "sent_intermediates",
+           "x5t_s256", "x5t_s256_of_digest"]
+
+# Lowercase names of the fields this module produces: a client-sent copy of any of them is removed (RFC 9440 §2.4
+# item 3; the thumbprint because an authorizer trusts it as much as the certificate).
+CLIENT_CERT_NAMES = frozenset({b"client-cert", b"client-cert-chain", b"x-client-cert-thumbprint"})
 
 
 def byte_sequence(data: bytes) -> bytes:
@@ -64,3 +69,14 @@ def sent_intermediates(sent: Sequence[bytes] | None, verified: Sequence[bytes] |
         return None
     offered = frozenset(sent[1:])
     return tuple(cert for cert in verified[1:-1] if cert in offered)
+
+
+def rfc9440_lines(leaf: bytes, chain: Sequence[bytes]) -> bytes:
+    """``Client-Cert`` and, when ``chain`` is not empty, ``Client-Cert-Chain`` as CRLF-terminated header lines.
+
+    One field line each (RFC 9440 §2.3 allows splitting the List; one line keeps the count of lines and bytes
+    the upstream sees as small as it can be)."""
+    out = b"Client-Cert: " + byte_sequence(leaf) + b"\r\n"
+    if chain:
+        out += b"Client-Cert-Chain: " + byte_sequence_list(chain) + b"\r\n"
+    return out

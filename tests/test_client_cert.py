@@ -14,7 +14,15 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.client_cert import byte_sequence, byte_sequence_list, sent_intermediates, x5t_s256, x5t_s256_of_digest
+from proxy.client_cert import (
+    CLIENT_CERT_NAMES,
+    byte_sequence,
+    byte_sequence_list,
+    rfc9440_lines,
+    sent_intermediates,
+    x5t_s256,
+    x5t_s256_of_digest,
+)
 
 # ---- RFC 9440 Appendix A: the client sends its certificate and the intermediate; the chain field shown there
 # holds the intermediate and the root (the RFC's proxy forwards the whole validation chain). -----------------
@@ -189,3 +197,19 @@ L, I1, I2, ROOT, JUNK = b"leaf", b"inter-1", b"inter-2", b"root", b"unrelated"
 def test_sent_intermediates(sent: list[bytes] | None, verified: list[bytes] | None,
                             expected: tuple[bytes, ...] | None) -> None:
     assert sent_intermediates(sent, verified) == expected
+
+
+# ---- header lines ----------------------------------------------------------------------------------------------
+def test_rfc9440_lines() -> None:
+    leaf, inter = der(RFC9440_LEAF), der(RFC9440_INTERMEDIATE)
+    assert rfc9440_lines(leaf, ()) == b"Client-Cert: " + undisplay(RFC9440_CLIENT_CERT) + b"\r\n"
+    both = rfc9440_lines(leaf, (inter,))
+    first, second, end = both.split(b"\r\n")
+    assert end == b"" and first == b"Client-Cert: " + undisplay(RFC9440_CLIENT_CERT)
+    assert second == b"Client-Cert-Chain: " + byte_sequence(inter)
+
+
+def test_client_cert_names_are_lowercase_field_names() -> None:
+    assert CLIENT_CERT_NAMES == {b"client-cert", b"client-cert-chain", b"x-client-cert-thumbprint"}
+    for line in rfc9440_lines(b"x", (b"y",)).split(b"\r\n")[:-1]:
+        assert line.split(b":")[0].lower() in CLIENT_CERT_NAMES
