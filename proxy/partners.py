@@ -16,15 +16,15 @@ N times ``rate_limit`` through one task (and each task behind the NLB is another
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from .cert_tracker import CertTable
 from .ratelimit import BucketTable, TokenBucket, default_burst, interval_ns
 
-__all__ = ["Gate", "Limit", "Partners", "limits_of"]
+__all__ = ["FIRST", "Gate", "Limit", "Partners", "limits_of"]
 
 Limit = tuple[int, int]  # (interval in ns, burst)
-_FIRST = object()  # the gate has not seen this rule on this connection yet
+FIRST: Any = object()  # the default for ``Gate.rules.get``: this rule has not allowed a request on this connection yet
 
 
 class RuleLike(Protocol):
@@ -51,7 +51,8 @@ def limits_of(rules: Iterable[RuleLike]) -> dict[str, Limit]:
 
 
 class Partners:
-    """Per process.  ``monotonic_ns`` drives the buckets (the event loop's clock); ``wall`` stamps ``last_seen``."""
+    """Per process.  ``monotonic_ns`` drives the buckets (CLOCK_MONOTONIC, the clock the event loop runs on);
+    ``wall`` stamps ``last_seen``."""
 
     __slots__ = ("certs", "buckets", "monotonic_ns", "wall")
 
@@ -67,28 +68,40 @@ class Partners:
 
 
 class Gate:
-    """One connection's view: ``admit(rule)`` -> 0 when the request may go, else nanoseconds until it could."""
+    """One connection's view of the partner state.
 
-    __slots__ = ("_partners", "_identity", "_limits", "_rules")
+    The exchange's per-request fast path is one lookup in ``rules`` (rule name -> its bucket, or None when the rule
+    has no limit and the certificate is already recorded)::
+
+        state = gate.rules.get(decision.rule, FIRST)
+        if state is not None:
+            wait = gate.admit(decision.rule, state)  # 0: go; else nanoseconds until a token
+
+    ``admit`` alone is also correct (it does the lookup itself); the split only saves a call per request.
+    """
+
+    __slots__ = ("_partners", "_identity", "_limits", "rules")
 
     def __init__(self, partners: Partners, identity: IdentityLike, limits: Mapping[str, Limit]) -> None:
         self._partners = partners
         self._identity = identity
         self._limits = limits
-        self._rules: dict[str, TokenBucket | None] = {}  # rule -> its bucket, or None when it has no limit
+        self.rules: dict[str, TokenBucket | None] = {}
 
-    def admit(self, rule: str) -> int:
-        bucket = self._rules.get(rule, _FIRST)
-        if bucket is None:
-            return 0
-        if bucket is _FIRST:
-            bucket = self._first(rule)
-            if bucket is None:
+    def admit(self, rule: str, state: object = None) -> int:
+        if state is None:
+            state = self.rules.get(rule, FIRST)
+            if state is None:
                 return 0
+        if state is FIRST:
+            state = self._first(rule)
+            if state is None:
+                return 0
+        bucket: TokenBucket = state  # type: ignore[assignment]
         now = self._partners.monotonic_ns()
-        if bucket.evicted:  # type: ignore[union-attr]
-            bucket = self._rules[rule] = self._partners.buckets.current(bucket, now)  # type: ignore[arg-type]
-        return bucket.take(now)  # type: ignore[union-attr]
+        if bucket.evicted:
+            bucket = self.rules[rule] = self._partners.buckets.current(bucket, now)
+        return bucket.take(now)
 
     def _first(self, rule: str) -> TokenBucket | None:
         partners, ident = self._partners, self._identity
@@ -99,5 +112,5 @@ class Gate:
             interval, burst = limit
             bucket = partners.buckets.get((rule, ident.fingerprint, interval, burst), interval, burst,
                                           partners.monotonic_ns())
-        self._rules[rule] = bucket
+        self.rules[rule] = bucket
         return bucket

@@ -62,19 +62,17 @@ class TokenBucket:
         self.stamp = now
         self.evicted = False
 
-    def _refill(self, now: int) -> int:
-        if now > self.stamp:
-            level = self.level + (now - self.stamp)
-            self.level = level if level < self.capacity else self.capacity
-            self.stamp = now
-        # A ``now`` before the stamp (never from a monotonic clock) adds nothing: time does not run backwards.
-        return self.level
-
     def take(self, now: int) -> int:
-        level = self._refill(now)
+        level = self.level
+        if now > self.stamp:  # (a ``now`` before the stamp, never from a monotonic clock, adds nothing)
+            level += now - self.stamp
+            if level > self.capacity:
+                level = self.capacity
+            self.stamp = now
         if level >= self.interval:
             self.level = level - self.interval
             return 0
+        self.level = level
         return self.interval - level
 
     def tokens(self, now: int) -> float:

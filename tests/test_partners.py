@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 
 from proxy.cert_tracker import CertTable
-from proxy.partners import Partners, limits_of
+from proxy.partners import FIRST, Partners, limits_of
 from proxy.ratelimit import NS, BucketTable
 
 
@@ -128,3 +128,20 @@ def test_certificate_table_cap_applies(cap: int) -> None:
     for i in range(3):
         p.gate(Ident(f"fp{i}"), {}).admit("r")
     assert len(p.certs) == cap and p.certs.dropped == 3 - cap
+
+
+def test_fast_path_contract() -> None:
+    """What the exchange does per request: one lookup; None means nothing to do (no clock read, no record)."""
+    clocks = Clocks()
+    p = partners(clocks)
+    gate = p.gate(Ident("fp"), limits_of([Rule("limited", rate_limit=1, burst=1)]))
+    for rule in ("open", "limited"):
+        state = gate.rules.get(rule, FIRST)
+        assert state is FIRST
+        assert gate.admit(rule, state) == 0  # first use: recorded (and the bucket created)
+    assert gate.rules["open"] is None  # later requests of the open rule stop at the lookup
+    reads = clocks.mono_reads
+    state = gate.rules.get("limited", FIRST)
+    assert state is not None and gate.admit("limited", state) == NS  # the bucket is consulted
+    assert clocks.mono_reads == reads + 1
+    assert sorted(e.rule for e in p.certs) == ["limited", "open"]
