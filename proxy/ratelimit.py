@@ -89,7 +89,7 @@ class BucketTable:
 
     __slots__ = ("cap", "_buckets", "forced_evictions")
 
-    def __init__(self, cap: int = 65536) -> None:
+    def __init__(self, cap: int = 16384) -> None:  # ~4 MB when full; partners number in the hundreds
         if cap < 1:
             raise ValueError("cap must be at least 1")
         self.cap = cap
