@@ -122,6 +122,11 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    client_cert_header: bool = False  # RFC 9440 Client-Cert / Client-Cert-Chain
+
+
+@dataclass(frozen=True, slots=True)
 class AllowRule:
     name: str
     subject_cn: tuple[str, ...] = ()
@@ -131,6 +136,8 @@ class AllowRule:
     source_vpce: tuple[str, ...] = ()
     methods: tuple[str, ...] = ()
     paths: tuple[str, ...] = ()
+    rate_limit: float | None = None  # requests per second per client certificate (per worker process)
+    burst: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +146,7 @@ class Config:
     upstream: UpstreamConfig
     admin: AdminConfig = AdminConfig()
     log: LogConfig = LogConfig()
+    identity: IdentityConfig = IdentityConfig()
     allow: tuple[AllowRule, ...] = ()
     allow_all_verified: bool = False
     source: str = "<defaults>"
@@ -163,11 +171,13 @@ _UPSTREAM_KEYS = {
 }
 _ADMIN_KEYS = {"listen": _ADDR}
 _LOG_KEYS = {"access": _BOOL, "level": _STR}
+_IDENTITY_KEYS = {"client_cert_header": _BOOL}
 _RULE_KEYS = {
     "name": _STR, "subject_cn": _LIST, "san_dns": _LIST, "san_uri": _LIST, "fingerprint_sha256": _LIST,
-    "source_vpce": _LIST, "methods": _LIST, "paths": _LIST,
+    "source_vpce": _LIST, "methods": _LIST, "paths": _LIST, "rate_limit": _FLOAT, "burst": _INT,
 }
-_SECTIONS = {"server": _SERVER_KEYS, "upstream": _UPSTREAM_KEYS, "admin": _ADMIN_KEYS, "log": _LOG_KEYS}
+_SECTIONS = {"server": _SERVER_KEYS, "upstream": _UPSTREAM_KEYS, "admin": _ADMIN_KEYS, "log": _LOG_KEYS,
+             "identity": _IDENTITY_KEYS}
 _TOP_KEYS = {"allow_all_verified": _BOOL}
 _REQUIRED = {"server": ("cert", "key", "client_ca"), "upstream": ("url",)}
 
@@ -459,6 +469,7 @@ def _build(values: dict[str, dict[str, Any]], top: dict[str, Any], rules: tuple[
         for j, m in enumerate(rule.methods):
             if not _TOKEN.fullmatch(m) or m != m.upper():
                 c.add(f"{rules_key}[{i}].methods[{j}]", f"not an uppercase HTTP method: {m!r}")
+        _check_limit(c, f"{rules_key}[{i}]", rule)
     # Rules that were given but are broken already have their lines; "no rules" would be a second one.
     broken = any(e.key.split("[")[0] in (rules_key, f"{ENV_PREFIX}ALLOW") for e in c.errors)
     if not rules and not allow_all and not broken:
@@ -471,8 +482,25 @@ def _build(values: dict[str, dict[str, Any]], top: dict[str, Any], rules: tuple[
                             if src is not None and src.path is not None}))
     if source not in ("<environment>", "<defaults>"):
         watched = (Path(source).resolve(), *watched)
-    return Config(server=server, upstream=upstream, admin=admin, log=log, allow=rules,
+    return Config(server=server, upstream=upstream, admin=admin, log=log,
+                  identity=IdentityConfig(**values["identity"]), allow=rules,
                   allow_all_verified=allow_all, source=source, watched_files=watched)
+
+
+MAX_RATE = 1e6  # requests per second: beyond this a limit is no limit (the bucket works in whole nanoseconds)
+MAX_BURST = 10**6
+
+
+def _check_limit(c: _Collector, where: str, rule: AllowRule) -> None:
+    if rule.rate_limit is None:
+        if rule.burst is not None:
+            c.add(f"{where}.burst", "needs rate_limit in the same rule (burst is how many requests may come at once)")
+        return
+    if not 0 < rule.rate_limit <= MAX_RATE:  # also false for NaN
+        c.add(f"{where}.rate_limit", f"must be more than 0 and at most {MAX_RATE:g} requests per second, "
+                                     f"got {rule.rate_limit:g}")
+    if rule.burst is not None and not 1 <= rule.burst <= MAX_BURST:
+        c.add(f"{where}.burst", f"must be between 1 and {MAX_BURST}, got {rule.burst}")
 
 
 # RFC 1123 section 2.1 host names: the upstream host is sent as Host and SNI, so it must be plain ASCII.
