@@ -484,7 +484,7 @@ def policy_refusals() -> list[tuple[AllowRule, str]]:
 
     out = []
     for rule, message in POLICY_ERRORS:
-        fields = {f: getattr(rule, f) for f in AllowRule.__dataclass_fields__}
+        fields = {f: getattr(rule, f) for f in AllowRule.__dataclass_fields__ if hasattr(rule, f)}
         if any(isinstance(v, str) for k, v in fields.items() if k != "name") or any(
                 not isinstance(x, str) for k, v in fields.items() if k != "name" for x in v):
             continue  # a wrong type: the loader's type check answers those, before any value check
