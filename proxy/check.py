@@ -1,7 +1,7 @@
 """``mtls-proxy check``: validate a configuration and everything it names, and warn about weak settings.
 
 Owns: the list of warnings (exit status stays 0): TLS 1.2 suites without AEAD (CBC) or with 3DES, upstream
-verification off, ``allow_all_verified``, certificates or CRLs that expire within 30 days, CRL coverage (with
+verification off, ``allow_all_verified``, ``identity.client_cert_header`` (its size cost), certificates or CRLs that expire within 30 days, CRL coverage (with
 ``crl`` set, OpenSSL refuses every client whose issuing CA has no CRL in the file), and OpenSSL fast paths this
 Python cannot use (``proxy.openssl``: the proxy works without them, with more CPU per request).
 
@@ -41,6 +41,11 @@ def check(path: str | None) -> tuple[list[str], list[str]]:
     if cfg.allow_all_verified:
         warnings.append("allow_all_verified: true: every client with a certificate from server.client_ca is "
                         "allowed, on every method and path")
+    if cfg.identity.client_cert_header:
+        warnings.append("identity.client_cert_header: true: every request carries the client certificate and the "
+                        "intermediates it sent (Client-Cert, Client-Cert-Chain: base64, 4/3 of their DER size, often "
+                        "1-4 KB); API Gateway refuses a request line plus headers over 10240 bytes, so a request the "
+                        "certificate pushes past that is refused by the proxy with 431 identity_too_large")
     warnings += _expiry_warnings(rt.facts)
     warnings += _crl_coverage(cfg)
     warnings += [f"openssl: fast path {name} {state}" for name, state in

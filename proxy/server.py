@@ -1,7 +1,8 @@
 """Wiring and lifecycle of one proxy process: start, ready, reload, drain.
 
 Owns: the ``ProxyServer`` that holds what connections share (config, current runtime snapshot, upstream pool,
-metrics, access log, live connections), and ``run()``, the one function where the lifecycle reads top to
+metrics, access log, partner state (certificates seen, rate-limit buckets: ``proxy.partners``), live connections),
+and ``run()``, the one function where the lifecycle reads top to
 bottom: start -> ready -> (reload on SIGHUP or file change)* -> SIGTERM/SIGINT -> drain -> exit.
 
 Reload (house rule 6): the config file and PEM files are re-read off the event loop into a new ``Runtime``;
@@ -23,6 +24,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from pathlib import Path
 
 from . import config as config_mod
@@ -34,6 +36,7 @@ from .errors import ConfigErrors
 from .forward import UpstreamPool
 from .listener import Listener, bind
 from .metrics import Metrics
+from .partners import Partners
 from .runtime import Runtime, build_runtime
 from .slots import ConnectionSlots
 from .supervisor import WorkerControl
@@ -54,6 +57,9 @@ class ProxyServer:
         self.pool: UpstreamPool = None  # type: ignore[assignment]
         self.access_log: AccessLog = None  # type: ignore[assignment]
         self.lingerer: Lingerer = None  # type: ignore[assignment]
+        # CLOCK_MONOTONIC (what the event loop's time() reads) drives the rate-limit buckets, in whole nanoseconds.
+        self.partners = Partners(time.monotonic_ns, time.time)
+        self.metrics.partner_facts = self._partner_facts
         self.connections: set[ClientConnection] = set()
         # accepted sockets not yet closed, including those still handshaking: the one count of them
         self.slots = ConnectionSlots(cfg.server.max_connections, self.metrics)
@@ -83,6 +89,10 @@ class ProxyServer:
         self.ready = True
         log.info("listening", extra={"fields": {"address": f"{self.address[0]}:{self.address[1]}",
                                                 "upstream": self.cfg.upstream.url, "loop": _loop_name(self.loop)}})
+
+    def _partner_facts(self) -> tuple[dict[str, float], int, int]:
+        p = self.partners
+        return p.certs.expiry_by_rule(time.time()), p.certs.dropped, p.buckets.forced_evictions
 
     @property
     def active(self) -> int:
@@ -173,7 +183,7 @@ def _stamp_all(paths: tuple[Path, ...]) -> dict[Path, tuple[int, int, int] | Non
 
 def _unreloadable_changes(old: Config, new: Config) -> list[str]:
     changed = []
-    for section in ("server", "upstream", "admin", "log"):
+    for section in ("server", "upstream", "admin", "log", "identity"):
         a, b = getattr(old, section), getattr(new, section)
         for f in dataclasses.fields(a):
             if section == "server" and f.name in _RELOADABLE_SERVER:
@@ -198,10 +208,13 @@ async def run(cfg: Config, *, control_fd: int | None = None, runtime: Runtime | 
     control: WorkerControl | None = None
     if control_fd is None:
         admin = AdminServer(cfg.admin.listen, proxy_protocol=cfg.server.proxy_protocol,
-                            ready=lambda: server.ready, snapshots=lambda: [server.metrics.snapshot()])
+                            ready=lambda: server.ready, snapshots=lambda: [server.metrics.snapshot()],
+                            certs=lambda: server.partners.certs.report())
         await admin.start()  # /healthz answers from here on; /readyz once the listener is up
     else:
-        control = WorkerControl(control_fd, lambda: {"ready": server.ready, "metrics": server.metrics.snapshot()})
+        control = WorkerControl(control_fd, lambda full: {
+            "ready": server.ready, "metrics": server.metrics.snapshot(),
+            "certs": server.partners.certs.changes(full)})
         control.start(loop)
     try:
         await server.start(runtime=runtime)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import ssl
+import _ssl
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -260,3 +261,23 @@ def handshake_failure_detail(exc: BaseException) -> str:
 def expiring(facts: list[CertFact], within_days: float, now: float | None = None) -> list[CertFact]:
     now = dt.datetime.now(dt.timezone.utc).timestamp() if now is None else now
     return [f for f in facts if f.not_after - now < within_days * 86400]
+
+
+def peer_chains(sock: ssl.SSLSocket) -> tuple[list[bytes] | None, list[bytes] | None]:
+    """(the chain the client sent, the chain OpenSSL verified), each leaf first, as DER; (None, None) when the
+    session was resumed (OpenSSL keeps neither in a session) or the running Python cannot say.
+
+    Python's private ``get_unverified_chain`` / ``get_verified_chain`` (public only from 3.13) are read-only
+    accessors of ``SSL_get_peer_cert_chain`` / ``SSL_get0_verified_chain``; on a server socket Python puts the leaf
+    in front of the former (OpenSSL leaves it out there).  Checked in tests/test_tls.py.
+    """
+    tls = getattr(sock, "_sslobj", None)
+    sent_fn = getattr(tls, "get_unverified_chain", None)
+    verified_fn = getattr(tls, "get_verified_chain", None)
+    if sent_fn is None or verified_fn is None:
+        return None, None
+    sent, verified = sent_fn(), verified_fn()
+    if sent is None or verified is None:
+        return None, None
+    der = _ssl.ENCODING_DER
+    return [c.public_bytes(der) for c in sent], [c.public_bytes(der) for c in verified]

@@ -182,6 +182,9 @@ WARNINGS: list[tuple[str, Any, str]] = [
     ("verify-false", lambda d, f: {"upstream": {"verify": False}}, r"upstream\.verify: false: "),
     ("allow-all-verified", lambda d, f: {"top": {"allow_all_verified": True}, "rules": []},
      r"allow_all_verified: true: every client"),
+    ("client-cert-header", lambda d, f: {"identity": {"client_cert_header": True}},
+     r"identity\.client_cert_header: true: every request carries the client certificate .* over 10240 bytes.*"
+     r"431 identity_too_large$"),
     ("server-cert-10-days", lambda d, f: _expiring_server(d, f, 10.5), r"server\.cert: expiry in 10 days \("),
     ("server-cert-expired", lambda d, f: _expiring_server(d, f, -1), r"server\.cert: expiry .* has passed$"),
     ("client-ca-20-days", _ca_expiring, r"server\.client_ca \(short-lived CA\): expiry in 20 days \("),

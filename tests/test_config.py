@@ -270,6 +270,7 @@ ENV_TABLE: list[tuple[str, str, str, Any]] = [
     ("MTLS_PROXY_LOG_ACCESS", "0", "log.access", False),
     ("MTLS_PROXY_LOG_LEVEL", "warning", "log.level", "warning"),
     ("MTLS_PROXY_ALLOW_ALL_VERIFIED", "yes", "allow_all_verified", True),
+    ("MTLS_PROXY_IDENTITY_CLIENT_CERT_HEADER", "true", "identity.client_cert_header", True),
 ]
 
 
@@ -483,7 +484,7 @@ def policy_refusals() -> list[tuple[AllowRule, str]]:
 
     out = []
     for rule, message in POLICY_ERRORS:
-        fields = {f: getattr(rule, f) for f in AllowRule.__dataclass_fields__}
+        fields = {f: getattr(rule, f) for f in AllowRule.__dataclass_fields__ if hasattr(rule, f)}
         if any(isinstance(v, str) for k, v in fields.items() if k != "name") or any(
                 not isinstance(x, str) for k, v in fields.items() if k != "name" for x in v):
             continue  # a wrong type: the loader's type check answers those, before any value check
@@ -629,3 +630,52 @@ def test_address_prints_as_it_is_written_in_the_config() -> None:
     """An address is named in error lines ("cannot listen on [::1]:9443"): IPv6 keeps its brackets."""
     assert str(Address("::1", 9443)) == "[::1]:9443"
     assert str(Address("0.0.0.0", 8443)) == "0.0.0.0:8443"
+
+
+# ---- [identity] and per-rule rate limits ----------------------------------------------------------------------
+
+RULE = '[[allow]]\nname = "p"\nsubject_cn = ["client-a"]\n'
+BASE = MINIMAL.split("[[allow]]")[0]
+
+
+def test_identity_client_cert_header_defaults_off(tmp_path: Path) -> None:
+    assert load(write(tmp_path, MINIMAL)).identity.client_cert_header is False
+    cfg = load(write(tmp_path, MINIMAL + "[identity]\nclient_cert_header = true\n"))
+    assert cfg.identity.client_cert_header is True
+
+
+def test_identity_unknown_key_is_named(tmp_path: Path) -> None:
+    assert errors(write(tmp_path, MINIMAL + "[identity]\nclient_cert = true\n")) == [
+        "identity.client_cert: unknown key"]
+
+
+@pytest.mark.parametrize("extra, rate, burst", [
+    ("", None, None),
+    ("rate_limit = 5\n", 5.0, None),  # burst left to the default (ceil(rate_limit), applied by proxy.partners)
+    ("rate_limit = 0.5\nburst = 4\n", 0.5, 4),
+])
+def test_rate_limit_and_burst(tmp_path: Path, extra: str, rate: float | None, burst: int | None) -> None:
+    (rule,) = load(write(tmp_path, BASE + RULE + extra)).allow
+    assert (rule.rate_limit, rule.burst) == (rate, burst)
+
+
+@pytest.mark.parametrize("extra, problem", [
+    ("burst = 3\n", "allow[0].burst: needs rate_limit in the same rule"),
+    ("rate_limit = 0\n", "allow[0].rate_limit: must be more than 0 and at most 1e+06 requests per second, got 0"),
+    ("rate_limit = -2\n", "allow[0].rate_limit: must be more than 0"),
+    ("rate_limit = nan\n", "allow[0].rate_limit: must be more than 0"),
+    ("rate_limit = inf\n", "allow[0].rate_limit: must be more than 0"),
+    ("rate_limit = 2000000\n", "allow[0].rate_limit: must be more than 0"),
+    ("rate_limit = 1\nburst = 0\n", "allow[0].burst: must be between 1 and 1000000, got 0"),
+    ("rate_limit = 1\nburst = 1.5\n", "allow[0].burst: expected an integer, got 1.5"),
+    ("rate_limit = \"fast\"\n", "allow[0].rate_limit: expected a number, got 'fast'"),
+])
+def test_bad_rate_limits_name_the_key(tmp_path: Path, extra: str, problem: str) -> None:
+    (line,) = errors(write(tmp_path, BASE + RULE + extra))
+    assert line.startswith(problem), line
+
+
+def test_rate_limit_from_the_environment_rules(tmp_path: Path) -> None:
+    env = {"MTLS_PROXY_ALLOW": '[{"name": "p", "subject_cn": ["a"], "burst": 2}]'}
+    assert errors(write(tmp_path, BASE), env) == [
+        "MTLS_PROXY_ALLOW[0].burst: needs rate_limit in the same rule (burst is how many requests may come at once)"]

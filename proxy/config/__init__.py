@@ -20,6 +20,7 @@ from .model import (
     AdminConfig,
     AllowRule,
     Config,
+    IdentityConfig,
     LogConfig,
     PemSource,
     ServerConfig,
@@ -28,4 +29,4 @@ from .model import (
 )
 
 __all__ = ["DEFAULTS", "DEFAULT_CIPHERS", "ENVIRONMENT", "ENV_PREFIX", "Address", "AdminConfig", "AllowRule", "Config",
-           "LogConfig", "PemSource", "ServerConfig", "UpstreamConfig", "load", "replace"]
+           "IdentityConfig", "LogConfig", "PemSource", "ServerConfig", "UpstreamConfig", "load", "replace"]

@@ -35,6 +35,7 @@ from .model import (
     AdminConfig,
     AllowRule,
     Config,
+    IdentityConfig,
     LogConfig,
     PemSource,
     ServerConfig,
@@ -58,11 +59,13 @@ _UPSTREAM_KEYS = {
 }
 _ADMIN_KEYS = {"listen": _ADDR}
 _LOG_KEYS = {"access": _BOOL, "level": _STR}
+_IDENTITY_KEYS = {"client_cert_header": _BOOL}
 _RULE_KEYS = {
     "name": _STR, "subject_cn": _LIST, "san_dns": _LIST, "san_uri": _LIST, "fingerprint_sha256": _LIST,
-    "source_vpce": _LIST, "methods": _LIST, "paths": _LIST,
+    "source_vpce": _LIST, "methods": _LIST, "paths": _LIST, "rate_limit": _FLOAT, "burst": _INT,
 }
-_SECTIONS = {"server": _SERVER_KEYS, "upstream": _UPSTREAM_KEYS, "admin": _ADMIN_KEYS, "log": _LOG_KEYS}
+_SECTIONS = {"server": _SERVER_KEYS, "upstream": _UPSTREAM_KEYS, "admin": _ADMIN_KEYS, "log": _LOG_KEYS,
+             "identity": _IDENTITY_KEYS}
 _TOP_KEYS = {"allow_all_verified": _BOOL}
 _REQUIRED = {"server": ("cert", "key", "client_ca"), "upstream": ("url",)}
 
@@ -327,6 +330,7 @@ def _build(values: dict[str, dict[str, Any]], top: dict[str, Any], rules: tuple[
     names: set[str] = set()
     for i, rule in enumerate(rules):
         _check_rule(c, f"{rules_key}[{i}]", rule, names, server.proxy_protocol)
+        _check_limit(c, f"{rules_key}[{i}]", rule)
     # Rules that were given but are broken already have their lines; "no rules" would be a second one.
     broken = any(e.key.split("[")[0] in (rules_key, f"{ENV_PREFIX}ALLOW") for e in c.errors)
     if not rules and not allow_all and not broken:
@@ -339,8 +343,25 @@ def _build(values: dict[str, dict[str, Any]], top: dict[str, Any], rules: tuple[
                             if src is not None and src.path is not None}))
     if source not in (ENVIRONMENT, DEFAULTS):
         watched = (Path(source).resolve(), *watched)
-    return Config(server=server, upstream=upstream, admin=admin, log=log, allow=rules,
+    return Config(server=server, upstream=upstream, admin=admin, log=log,
+                  identity=IdentityConfig(**values["identity"]), allow=rules,
                   allow_all_verified=allow_all, source=source, watched_files=watched)
+
+
+MAX_RATE = 1e6  # requests per second: beyond this a limit is no limit (the bucket works in whole nanoseconds)
+MAX_BURST = 10**6
+
+
+def _check_limit(c: _Collector, where: str, rule: AllowRule) -> None:
+    if rule.rate_limit is None:
+        if rule.burst is not None:
+            c.add(f"{where}.burst", "needs rate_limit in the same rule (burst is how many requests may come at once)")
+        return
+    if not 0 < rule.rate_limit <= MAX_RATE:  # also false for NaN
+        c.add(f"{where}.rate_limit", f"must be more than 0 and at most {MAX_RATE:g} requests per second, "
+                                     f"got {rule.rate_limit:g}")
+    if rule.burst is not None and not 1 <= rule.burst <= MAX_BURST:
+        c.add(f"{where}.burst", f"must be between 1 and {MAX_BURST}, got {rule.burst}")
 
 
 def _build_upstream(u: dict[str, Any], c: _Collector) -> UpstreamConfig | None:

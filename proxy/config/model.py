@@ -106,6 +106,11 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    client_cert_header: bool = False  # RFC 9440 Client-Cert / Client-Cert-Chain
+
+
+@dataclass(frozen=True, slots=True)
 class AllowRule:
     name: str
     subject_cn: tuple[str, ...] = ()
@@ -115,6 +120,8 @@ class AllowRule:
     source_vpce: tuple[str, ...] = ()
     methods: tuple[str, ...] = ()
     paths: tuple[str, ...] = ()
+    rate_limit: float | None = None  # requests per second per client certificate (per worker process)
+    burst: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +130,7 @@ class Config:
     upstream: UpstreamConfig
     admin: AdminConfig = AdminConfig()
     log: LogConfig = LogConfig()
+    identity: IdentityConfig = IdentityConfig()
     allow: tuple[AllowRule, ...] = ()
     allow_all_verified: bool = False
     source: str = DEFAULTS  # the TOML file's path, or ENVIRONMENT / DEFAULTS
