@@ -1,17 +1,18 @@
-"""The plain-HTTP admin port: ``/healthz``, ``/readyz``, ``/metrics``.
+"""The plain-HTTP admin port: ``/healthz``, ``/readyz``, ``/metrics``, ``/certs``.
 
 Owns: serving liveness (the event loop answered), readiness (listening with certificates loaded and not
 draining; never dependent on the upstream, so an API outage cannot take every task out of the NLB), and
 Prometheus metrics (text format, or OpenMetrics when the scraper asks for it) from an injected source of
-snapshots on a private registry.
+snapshots on a private registry, and the client certificates each allow rule let in (JSON, from an injected
+source: proxy.cert_tracker's report).
 
 NLB health checks to this port carry a PROXY protocol v2 header when the target group has it enabled, so with
 ``proxy_protocol`` an optional v2 header at the start of a connection is read and dropped (its 12-byte signature
 cannot start an HTTP request).
 
 Why a small asyncio protocol on ``proxy.http1`` and not aiohttp's server: three fixed GET endpoints do not need
-a web framework, and importing aiohttp's server costs every worker about 14 MB of resident memory (measured:
-issue 5's budget is 40 MB idle per worker).  The strict parser also means the admin port refuses the same
+a web framework, and importing aiohttp's server costs every worker about 14 MB of resident memory (measured),
+over a third of the 40 MB an idle worker may use.  The strict parser also means the admin port refuses the same
 malformed input as the proxy port.
 
 Must not: expose anything that changes state; it is unauthenticated and plain HTTP (bind it to a private
@@ -21,14 +22,16 @@ address).
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import http1
 from . import proxy_protocol as pp
 from .config import Address
 from .errors import ProxyError
 from .metrics import Snapshot, registry_for
+from .wire.grammar import reason_phrase
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
@@ -121,23 +124,21 @@ class _AdminConnection(asyncio.Protocol):
 
             encoder, content_type = choose_encoder(accept)
             self._respond(200, encoder(admin.registry), close, content_type=content_type, head_only=head_only)
+        elif req.path == "/certs":
+            body = json.dumps(admin.certs(), indent=1).encode() + b"\n"
+            self._respond(200, body, close, content_type="application/json", head_only=head_only)
         else:
             self._respond(404, b"not found\n", close, head_only=head_only)
 
     def _respond(self, status: int, body: bytes, close: bool, content_type: str = "text/plain; charset=utf-8",
                  head_only: bool = False) -> None:
         assert self.transport is not None
-        reason = _REASONS.get(status, b"Error")
+        reason = reason_phrase(status)
         head = (b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nCache-Control: no-store\r\n%s\r\n"
                 % (status, reason, content_type.encode(), len(body), b"Connection: close\r\n" if close else b""))
         self.transport.write(head if head_only else head + body)
         if close:
             self.transport.close()
-
-
-_REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
-            408: b"Request Timeout", 414: b"URI Too Long", 431: b"Request Header Fields Too Large",
-            503: b"Service Unavailable"}
 
 
 class AdminServer:
@@ -148,9 +149,10 @@ class AdminServer:
         return self._registry
 
     def __init__(self, listen: Address, *, ready: Callable[[], bool], snapshots: Callable[[], list[Snapshot]],
-                 proxy_protocol: bool = False) -> None:
+                 certs: Callable[[], dict[str, Any]] | None = None, proxy_protocol: bool = False) -> None:
         self.listen = listen
         self.ready = ready
+        self.certs = certs or (lambda: {"cap": 0, "dropped": 0, "rules": {}})
         self._snapshots = snapshots
         self._registry: CollectorRegistry | None = None
         self.proxy_protocol = proxy_protocol

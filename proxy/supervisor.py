@@ -1,12 +1,16 @@
 """``server.workers = N``: N worker processes sharing the TLS port, one admin endpoint for all of them.
 
 Owns: starting the workers (each is ``python -m proxy serve`` with the same config, binding the port with
-SO_REUSEPORT so the kernel spreads connections), restarting a worker that dies (with a short backoff), passing
+SO_REUSEPORT so the kernel spreads connections), restarting a worker that dies (``Backoff``: 0.2 s doubling to
+5 s while it keeps dying, back to 0.2 s once a worker had run ``STABLE_AFTER`` seconds), passing
 SIGTERM/SIGINT (drain) and SIGHUP (reload) on to every worker, and the admin port: ``/readyz`` is 200 only while
 every worker reports ready and no drain has started; ``/metrics`` adds up the workers' snapshots.
 
 Each worker gets one end of a socketpair (fd number in ``MTLS_WORKER_CONTROL_FD``); the supervisor writes one
-byte to ask, the worker answers with a length-prefixed JSON snapshot ({"ready": bool, "metrics": {...}}).
+byte to ask, the worker answers with a length-prefixed JSON snapshot ({"ready": bool, "metrics": {...}, "certs":
+{...}}).  ``certs`` are the certificate-table changes since the previous answer (``proxy.cert_tracker``); the
+supervisor asks with ``!`` instead of ``?`` when it needs the whole table (a new worker, or an answer it missed),
+merges every worker's into one table, and serves it as ``/certs`` and the client-certificate expiry metric.
 
 Must not: accept client connections itself or share memory with workers.
 """
@@ -21,15 +25,41 @@ import signal
 import socket
 import struct
 import sys
+import time
 from typing import Any
 
 from .admin import AdminServer
+from .cert_tracker import CertTable, Feed
 from .config import Config
 from .listener import bind
+from .metrics import Metrics
 
 log = logging.getLogger("mtls_proxy")
 CONTROL_ENV = "MTLS_WORKER_CONTROL_FD"
 _LEN = struct.Struct("!I")
+ASK, FULL = b"?", b"!"  # FULL also asks for the whole certificate table, not only what changed
+BACKOFF_FIRST = 0.2  # seconds before the first restart after a worker died
+BACKOFF_MAX = 5.0
+# A worker that ran this long had started well: a crash after that is an incident to recover from at once, not
+# part of a crash loop (a worker with a broken start dies within a second or two).  Six times the longest backoff,
+# so a loop of crashes is never mistaken for a worker that ran well.
+STABLE_AFTER = 30.0
+
+
+class Backoff:
+    """The delay before restarting a worker: doubling while it keeps dying, from the start once it ran well."""
+
+    __slots__ = ("failures",)
+
+    def __init__(self) -> None:
+        self.failures = 0  # deaths in a row, each within STABLE_AFTER seconds of its start
+
+    def next_delay(self, uptime: float) -> float:
+        """Seconds to wait before restarting a worker that died after running ``uptime`` seconds."""
+        if uptime >= STABLE_AFTER:
+            self.failures = 0
+        self.failures += 1
+        return min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** min(self.failures - 1, 16))
 
 
 class Worker:
@@ -38,9 +68,13 @@ class Worker:
         self.proc: asyncio.subprocess.Process | None = None
         self.control: socket.socket | None = None
         self.last: dict[str, Any] = {"ready": False, "metrics": None}
-        self.restarts = 0
+        self.restarts = 0  # in the life of the supervisor (for the log)
+        self.backoff = Backoff()
+        self.started_at = 0.0  # loop time of the last start
+        self.certs = Feed()  # which certificate changes come next from this worker (proxy.cert_tracker)
 
     async def start(self, argv: list[str], env_extra: dict[str, str]) -> None:
+        self.started_at = asyncio.get_running_loop().time()
         parent, child = socket.socketpair()
         env = {**os.environ, **env_extra, CONTROL_ENV: str(child.fileno())}
         self.proc = await asyncio.create_subprocess_exec(*argv, env=env, pass_fds=(child.fileno(),))
@@ -48,9 +82,11 @@ class Worker:
         parent.setblocking(False)
         self.control = parent
         self.last = {"ready": False, "metrics": None}
+        self.certs.restart()
 
-    async def poll(self, timeout: float = 1.0) -> dict[str, Any]:
-        """Ask the worker for its state; the last good answer is kept if it does not reply in time."""
+    async def poll(self, certs: CertTable | None = None, timeout: float = 1.0) -> dict[str, Any]:
+        """Ask the worker for its state; the last good answer is kept if it does not reply in time.  Its
+        certificate changes are merged into ``certs`` (a full table when a previous answer went missing)."""
         sock = self.control
         if sock is None or self.proc is None or self.proc.returncode is not None:
             return {"ready": False, "metrics": self.last.get("metrics")}
@@ -58,11 +94,14 @@ class Worker:
         try:
             async with asyncio.timeout(timeout):
                 _discard_stale(sock)
-                await loop.sock_sendall(sock, b"?")
+                await loop.sock_sendall(sock, FULL if self.certs.need_full else ASK)
                 head = await _recv_exact(loop, sock, _LEN.size)
                 self.last = json.loads(await _recv_exact(loop, sock, _LEN.unpack(head)[0]))
         except (OSError, TimeoutError, ValueError):
             return {"ready": False, "metrics": self.last.get("metrics")}
+        changes = self.last.pop("certs", None)
+        if certs is not None:
+            self.certs.apply(changes, certs)
         return self.last
 
     def close(self) -> None:
@@ -113,10 +152,10 @@ class WorkerControl:
         if not data:
             loop.remove_reader(self.sock.fileno())
             return
-        payload = json.dumps(self.snapshot()).encode()
         self.sock.setblocking(True)  # small message on a local socketpair: completes at once
         try:
-            for _ in data:
+            for byte in data:
+                payload = json.dumps(self.snapshot(byte == FULL[0])).encode()
                 self.sock.sendall(_LEN.pack(len(payload)) + payload)
         finally:
             self.sock.setblocking(False)
@@ -136,16 +175,26 @@ async def _supervise(cfg: Config, argv: list[str]) -> int:
     workers = [Worker(i) for i in range(cfg.server.workers)]
 
     cache: dict[str, Any] = {"ready": False, "snaps": []}
+    certs = CertTable()  # every worker's certificates, merged (the latest last_seen wins)
+
+    def own_snapshot() -> dict[str, Any]:
+        # The expiry metric from the merged table, so it agrees with /certs and survives a worker restart; merging
+        # takes the minimum per rule, so this snapshot decides it.
+        mine = Metrics()
+        mine.client_cert_expiry = certs.expiry_by_rule(time.time())
+        mine.cert_tracking_dropped = certs.dropped
+        return mine.snapshot()
 
     async def refresh() -> None:
         while True:
-            states = await asyncio.gather(*(w.poll() for w in workers))
+            states = await asyncio.gather(*(w.poll(certs) for w in workers))
             cache["ready"] = all(s.get("ready") for s in states)
             cache["snaps"] = [s["metrics"] for s in states if s.get("metrics")]
             await asyncio.sleep(0.5)
 
     admin = AdminServer(cfg.admin.listen, proxy_protocol=cfg.server.proxy_protocol,
-                        ready=lambda: cache["ready"] and not stopping, snapshots=lambda: cache["snaps"])
+                        ready=lambda: cache["ready"] and not stopping,
+                        snapshots=lambda: [*cache["snaps"], own_snapshot()], certs=certs.report)
     await admin.start()
     assert admin.address is not None
     log.info("admin listening", extra={"fields": {"address": _fmt(admin.address)}})
@@ -184,9 +233,12 @@ async def _supervise(cfg: Config, argv: list[str]) -> int:
             if stopping:
                 return
             w.restarts += 1
-            log.error("worker exited; restarting", extra={"fields": {"worker": w.index, "status": code,
-                                                                    "restarts": w.restarts}})
-            await asyncio.sleep(min(5.0, 0.1 * 2 ** min(w.restarts, 6)))
+            uptime = loop.time() - w.started_at
+            delay = w.backoff.next_delay(uptime)
+            log.error("worker exited; restarting", extra={"fields": {
+                "worker": w.index, "status": code, "restarts": w.restarts, "uptime_s": round(uptime, 1),
+                "delay_s": delay}})
+            await asyncio.sleep(delay)
             if stopping:
                 return
             await w.start(argv, env_extra)
@@ -211,13 +263,16 @@ def _fmt(addr: tuple[str, int]) -> str:
     return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
 
 
-def supervise(cfg: Config) -> int:
-    argv = [sys.executable, "-m", "proxy", "serve"]
+def supervise(cfg: Config, loop: str = "auto") -> int:
+    """Run the supervisor (on the event loop ``loop`` names, as ``serve --loop``; its workers get the same)."""
+    argv = [sys.executable, "-m", "proxy", "serve", "--loop", loop]
     if cfg.source not in ("<environment>", "<defaults>"):
         argv += ["--config", cfg.source]
-    try:
-        import uvloop
-
-        return uvloop.run(_supervise(cfg, argv))
-    except ImportError:  # pragma: no cover
-        return asyncio.run(_supervise(cfg, argv))
+    if loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover
+            pass
+        else:
+            return uvloop.run(_supervise(cfg, argv))
+    return asyncio.run(_supervise(cfg, argv))

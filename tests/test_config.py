@@ -5,6 +5,8 @@ Every test passes an explicit ``environ`` mapping, so nothing here depends on (o
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,9 @@ import pytest
 from proxy import config
 from proxy.config import Address, AllowRule, PemSource
 from proxy.errors import ConfigErrors
+from proxy.policy import Policy, PolicyError
+
+FINGERPRINT = ":".join(["AB"] * 32)
 
 MINIMAL = """\
 [server]
@@ -265,13 +270,14 @@ ENV_TABLE: list[tuple[str, str, str, Any]] = [
     ("MTLS_PROXY_LOG_ACCESS", "0", "log.access", False),
     ("MTLS_PROXY_LOG_LEVEL", "warning", "log.level", "warning"),
     ("MTLS_PROXY_ALLOW_ALL_VERIFIED", "yes", "allow_all_verified", True),
+    ("MTLS_PROXY_IDENTITY_CLIENT_CERT_HEADER", "true", "identity.client_cert_header", True),
 ]
 
 
 def test_env_table_covers_every_schema_key() -> None:
     expected = {f"MTLS_PROXY_{section.upper()}_{key.upper()}"
-                for section, keys in config._SECTIONS.items() for key in keys}
-    expected |= {f"MTLS_PROXY_{key.upper()}" for key in config._TOP_KEYS}
+                for section, keys in config.loader._SECTIONS.items() for key in keys}
+    expected |= {f"MTLS_PROXY_{key.upper()}" for key in config.loader._TOP_KEYS}
     assert {row[0] for row in ENV_TABLE} == expected
 
 
@@ -300,10 +306,10 @@ def test_env_beats_the_file(tmp_path: Path) -> None:
 
 def test_env_allow_replaces_the_whole_rule_list(tmp_path: Path) -> None:
     rules = ('[{"name": "env-a", "subject_cn": ["a"], "methods": ["GET"]},'
-             ' {"name": "env-b", "fingerprint_sha256": ["AB:CD"], "paths": ["/x/**"]}]')
+             ' {"name": "env-b", "fingerprint_sha256": ["%s"], "paths": ["/x/**"]}]' % FINGERPRINT)
     cfg = load(write(tmp_path, MINIMAL), {"MTLS_PROXY_ALLOW": rules})
     assert cfg.allow == (AllowRule(name="env-a", subject_cn=("a",), methods=("GET",)),
-                         AllowRule(name="env-b", fingerprint_sha256=("AB:CD",), paths=("/x/**",)))
+                         AllowRule(name="env-b", fingerprint_sha256=(FINGERPRINT,), paths=("/x/**",)))
 
 
 def test_env_allow_all_verified_needs_no_rules(tmp_path: Path) -> None:
@@ -406,8 +412,12 @@ FILE_ERRORS: list[tuple[str, str, str, str]] = [
     ("upstream", "connect_timeout = -1", "upstream.connect_timeout", "between 0.01"),
     ("upstream", "pool_max_idle = -1", "upstream.pool_max_idle", "between 0"),
     # rules
-    ("allow", 'methods = ["get"]', "allow[0].methods[0]", "not an uppercase HTTP method"),
-    ("allow", 'methods = ["GET", "PO ST"]', "allow[0].methods[1]", "not an uppercase HTTP method"),
+    ("allow", 'methods = ["get"]', "allow[0].methods[0]", "must be an uppercase HTTP method"),
+    ("allow", 'methods = ["GET", "PO ST"]', "allow[0].methods[1]", "must be an uppercase HTTP method"),
+    ("allow", 'methods = ["M.X"]', "allow[0].methods[0]", "must be an uppercase HTTP method"),
+    ("allow", 'paths = ["/a/../b"]', "allow[0].paths[0]", "never occur in a normalised path"),
+    ("allow", 'san_dns = ["a..b"]', "allow[0].san_dns[0]", "empty label"),
+    ("allow", 'san_uri = ["spiffe://a", ""]', "allow[0].san_uri[1]", "must not be empty"),
     ("allow", 'source_vpce = ["vpce-0abc"]', "allow[0].source_vpce", "needs server.proxy_protocol = true"),
 ]
 
@@ -463,13 +473,42 @@ def test_url_credentials_are_never_echoed(tmp_path: Path, url: str) -> None:
 def test_bad_source_vpce_id(tmp_path: Path) -> None:
     text = edit(MINIMAL, "server", "proxy_protocol = true") + 'source_vpce = ["vpce-0abc", "vpc-123", "VPCE-1"]\n'
     assert errors(write(tmp_path, text)) == [
-        "allow[0].source_vpce[1]: not a VPC endpoint id: 'vpc-123'",
-        "allow[0].source_vpce[2]: not a VPC endpoint id: 'VPCE-1'",
+        "allow[0].source_vpce[1]: must look like 'vpce-0123456789abcdef0', got 'vpc-123'",
+        "allow[0].source_vpce[2]: must look like 'vpce-0123456789abcdef0', got 'VPCE-1'",
     ]
 
 
+def policy_refusals() -> list[tuple[AllowRule, str]]:
+    """The policy's own table of refused rules (tests/test_policy.py), as AllowRules and the problem text."""
+    from tests.test_policy import POLICY_ERRORS
+
+    out = []
+    for rule, message in POLICY_ERRORS:
+        fields = {f: getattr(rule, f) for f in AllowRule.__dataclass_fields__ if hasattr(rule, f)}
+        if any(isinstance(v, str) for k, v in fields.items() if k != "name") or any(
+                not isinstance(x, str) for k, v in fields.items() if k != "name" for x in v):
+            continue  # a wrong type: the loader's type check answers those, before any value check
+        out.append((AllowRule(**fields), message))
+    return out
+
+
+@pytest.mark.parametrize(("rule", "message"), policy_refusals(), ids=lambda x: x if isinstance(x, str) else "")
+def test_config_refuses_what_the_policy_refuses_under_the_fields_key(tmp_path: Path, rule: AllowRule,
+                                                                      message: str) -> None:
+    with pytest.raises(PolicyError):
+        Policy.compile([rule], allow_all_verified=False)
+    problem = message.split(": ", 1)[1]  # after "allow[0] (name)": "methods[0]: must be ..." or a rule-wide text
+    field, sep, text = problem.partition(": ")
+    expected = f"allow[0].{field}: {text}" if sep else f"allow[0]: {problem}"
+    toml = "[[allow]]\n" + "".join(f"{k} = {json.dumps(v if isinstance(v, str) else list(v))}\n"
+                                   for k, v in dataclasses.asdict(rule).items() if v or k == "name")
+    found = errors(write(tmp_path, MINIMAL.split("[[allow]]")[0] + toml), {"MTLS_PROXY_SERVER_PROXY_PROTOCOL": "1"})
+    assert expected in found, found
+
+
 def test_duplicate_rule_names(tmp_path: Path) -> None:
-    text = MINIMAL + '[[allow]]\nname = "partner-b"\nsubject_cn = ["b"]\n[[allow]]\nname = "partner-a"\n'
+    text = (MINIMAL + '[[allow]]\nname = "partner-b"\nsubject_cn = ["b"]\n[[allow]]\nname = "partner-a"\n'
+            'subject_cn = ["c"]\n')
     assert errors(write(tmp_path, text)) == ["allow[2].name: duplicate rule name 'partner-a'"]
 
 
@@ -524,7 +563,7 @@ ENV_ERRORS: list[tuple[dict[str, str], str, str]] = [
     ({"MTLS_PROXY_ALLOW": '{"name": "a"}'}, "MTLS_PROXY_ALLOW", "expected a list of rules"),
     ({"MTLS_PROXY_ALLOW": '["a"]'}, "MTLS_PROXY_ALLOW[0]", "expected a table"),
     ({"MTLS_PROXY_ALLOW": '[{"name": "a", "subject_cn": ["x"], "methods": ["get"]}]'},
-     "MTLS_PROXY_ALLOW[0].methods[0]", "not an uppercase HTTP method"),
+     "MTLS_PROXY_ALLOW[0].methods[0]", "must be an uppercase HTTP method"),
     ({"MTLS_PROXY_ALLOW": '[{"name": "a", "subject_cn": ["x"], "colour": "red"}]'},
      "MTLS_PROXY_ALLOW[0].colour", "unknown key"),
     ({"MTLS_PROXY_ALLOW": '[{"name": "a", "subject_cn": ["x"]}, {"name": "a", "san_dns": ["y"]}]'},
@@ -591,3 +630,52 @@ def test_address_prints_as_it_is_written_in_the_config() -> None:
     """An address is named in error lines ("cannot listen on [::1]:9443"): IPv6 keeps its brackets."""
     assert str(Address("::1", 9443)) == "[::1]:9443"
     assert str(Address("0.0.0.0", 8443)) == "0.0.0.0:8443"
+
+
+# ---- [identity] and per-rule rate limits ----------------------------------------------------------------------
+
+RULE = '[[allow]]\nname = "p"\nsubject_cn = ["client-a"]\n'
+BASE = MINIMAL.split("[[allow]]")[0]
+
+
+def test_identity_client_cert_header_defaults_off(tmp_path: Path) -> None:
+    assert load(write(tmp_path, MINIMAL)).identity.client_cert_header is False
+    cfg = load(write(tmp_path, MINIMAL + "[identity]\nclient_cert_header = true\n"))
+    assert cfg.identity.client_cert_header is True
+
+
+def test_identity_unknown_key_is_named(tmp_path: Path) -> None:
+    assert errors(write(tmp_path, MINIMAL + "[identity]\nclient_cert = true\n")) == [
+        "identity.client_cert: unknown key"]
+
+
+@pytest.mark.parametrize("extra, rate, burst", [
+    ("", None, None),
+    ("rate_limit = 5\n", 5.0, None),  # burst left to the default (ceil(rate_limit), applied by proxy.partners)
+    ("rate_limit = 0.5\nburst = 4\n", 0.5, 4),
+])
+def test_rate_limit_and_burst(tmp_path: Path, extra: str, rate: float | None, burst: int | None) -> None:
+    (rule,) = load(write(tmp_path, BASE + RULE + extra)).allow
+    assert (rule.rate_limit, rule.burst) == (rate, burst)
+
+
+@pytest.mark.parametrize("extra, problem", [
+    ("burst = 3\n", "allow[0].burst: needs rate_limit in the same rule"),
+    ("rate_limit = 0\n", "allow[0].rate_limit: must be more than 0 and at most 1e+06 requests per second, got 0"),
+    ("rate_limit = -2\n", "allow[0].rate_limit: must be more than 0"),
+    ("rate_limit = nan\n", "allow[0].rate_limit: must be more than 0"),
+    ("rate_limit = inf\n", "allow[0].rate_limit: must be more than 0"),
+    ("rate_limit = 2000000\n", "allow[0].rate_limit: must be more than 0"),
+    ("rate_limit = 1\nburst = 0\n", "allow[0].burst: must be between 1 and 1000000, got 0"),
+    ("rate_limit = 1\nburst = 1.5\n", "allow[0].burst: expected an integer, got 1.5"),
+    ("rate_limit = \"fast\"\n", "allow[0].rate_limit: expected a number, got 'fast'"),
+])
+def test_bad_rate_limits_name_the_key(tmp_path: Path, extra: str, problem: str) -> None:
+    (line,) = errors(write(tmp_path, BASE + RULE + extra))
+    assert line.startswith(problem), line
+
+
+def test_rate_limit_from_the_environment_rules(tmp_path: Path) -> None:
+    env = {"MTLS_PROXY_ALLOW": '[{"name": "p", "subject_cn": ["a"], "burst": 2}]'}
+    assert errors(write(tmp_path, BASE), env) == [
+        "MTLS_PROXY_ALLOW[0].burst: needs rate_limit in the same rule (burst is how many requests may come at once)"]
