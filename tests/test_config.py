@@ -15,6 +15,7 @@ import pytest
 from proxy import config
 from proxy.config import Address, AllowRule, PemSource
 from proxy.errors import ConfigErrors
+from proxy.sources.location import SYNTAX
 from proxy.policy import Policy, PolicyError
 
 FINGERPRINT = ":".join(["AB"] * 32)
@@ -223,6 +224,54 @@ def test_env_pem_source(tmp_path: Path, key: str) -> None:
     assert all(p.name != f"PEM_{key.upper()}" for p in cfg.watched_files)  # an env source is never watched
 
 
+@pytest.mark.parametrize("key, section", [("cert", "server"), ("key", "server"), ("client_ca", "server"),
+                                          ("crl", "server"), ("ca_bundle", "upstream")])
+@pytest.mark.parametrize("text", ["s3://pki-bucket/proxy/material.pem", "secretsmanager:proxy/server",
+                                  "secretsmanager:arn:aws:secretsmanager:eu-west-1:123456789012:secret:p-AbCdEf",
+                                  "ssm:/proxy/material"])
+def test_aws_pem_sources_for_every_key(tmp_path: Path, key: str, section: str, text: str) -> None:
+    base = MINIMAL if key in ("crl", "ca_bundle") else MINIMAL.replace(f"\n{key} = ", "\n# ")
+    cfg = load(write(tmp_path, edit(base, section, f'{key} = "{text}"')))
+    src = getattr(getattr(cfg, section), key)
+    assert src == PemSource(uri=text) and src.remote and str(src) == text
+    assert src.location.kind == text.split(":", 1)[0]
+    assert all(p.name != text.rsplit("/", 1)[-1] for p in cfg.watched_files)  # polled, not watched
+
+
+@pytest.mark.parametrize("key, section, allowed", [
+    ("cert", "server", ()), ("key", "server", ()), ("client_ca", "server", ("https",)),
+    ("crl", "server", ("https", "http")), ("ca_bundle", "upstream", ("https",))])
+@pytest.mark.parametrize("scheme", ["https", "http"])
+def test_urls_only_for_public_material(tmp_path: Path, key: str, section: str, allowed: tuple[str, ...],
+                                       scheme: str) -> None:
+    base = MINIMAL if key in ("crl", "ca_bundle") else MINIMAL.replace(f"\n{key} = ", "\n# ")
+    url = f"{scheme}://pki.example.com/ca/current.pem?token=s3cret"
+    path = write(tmp_path, edit(base, section, f'{key} = "{url}"'))
+    if scheme in allowed:
+        assert getattr(getattr(load(path), section), key) == PemSource(uri=url)
+        assert "s3cret" not in str(getattr(getattr(load(path), section), key))
+        return
+    lines = errors(path)
+    assert len(lines) == 1 and lines[0].startswith(f"{section}.{key}: {scheme}://pki.example.com/"), lines
+    assert "s3cret" not in lines[0]
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("s3://Bad_Bucket/key", "not an S3 bucket name"), ("s3://bucket", "object key is missing"),
+    ("s3:bucket/key", "expected s3://bucket/key"), ("ssm://x", "expected ssm:/parameter/name"),
+    ("secretsmanager:", "expected secretsmanager:NAME_OR_ARN"), ("ftp://host/x", "unknown source scheme")])
+def test_bad_remote_source_is_one_line_naming_the_key(tmp_path: Path, text: str, fragment: str) -> None:
+    lines = errors(write(tmp_path, edit(MINIMAL, "server", f'crl = "{text}"')))
+    assert len(lines) == 1 and lines[0].startswith("server.crl: ") and fragment in lines[0], lines
+
+
+def test_remote_source_from_the_environment(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, MINIMAL), {"MTLS_PROXY_SERVER_CRL": "s3://pki-bucket/crl.der"})
+    assert cfg.server.crl == PemSource(uri="s3://pki-bucket/crl.der")
+    assert errors(write(tmp_path, MINIMAL), {"MTLS_PROXY_SERVER_KEY": "https://h/k.pem"})[0].startswith(
+        "MTLS_PROXY_SERVER_KEY: https://h/k.pem: a certificate or private key cannot come from")
+
+
 def test_env_pem_source_for_upstream_ca_bundle(tmp_path: Path) -> None:
     text = edit(MINIMAL, "upstream", 'ca_bundle = "env:API_CA"')
     assert load(write(tmp_path, text), {"API_CA": "pem"}).upstream.ca_bundle == PemSource(env="API_CA")
@@ -373,7 +422,7 @@ FILE_ERRORS: list[tuple[str, str, str, str]] = [
     ("server", "tls_versions = [1.2]", "server.tls_versions", "expected a list of strings"),
     ("server", "ciphers = 5", "server.ciphers", "expected a string"),
     ("server", "listen = 8443", "server.listen", "host:port"),
-    ("server", 'crl = ""', "server.crl", "expected a file path or env:NAME"),
+    ("server", 'crl = ""', "server.crl", "expected a file path, env:NAME, s3://bucket/key"),
     ("server", 'crl = "env:1BAD"', "server.crl", "bad environment variable name"),
     ("upstream", 'read_timeout = "30"', "upstream.read_timeout", "expected a number"),
     ("upstream", "verify = 1", "upstream.verify", "expected true or false"),
@@ -537,7 +586,7 @@ def test_required_keys(tmp_path: Path, missing: str, key: str) -> None:
 def test_a_wrong_required_key_is_reported_once(tmp_path: Path) -> None:
     # Regression: a present-but-invalid required key also produced "server.cert: required".
     assert errors(write(tmp_path, MINIMAL.replace('cert = "server.crt"', "cert = 5"))) == [
-        "server.cert: expected a file path or env:NAME"]
+        "server.cert: expected " + SYNTAX]
     lines = errors(write(tmp_path, MINIMAL.replace("[server]", "server = 5\n[other]")))
     assert lines[0] == "server: expected a table" and "server.cert: required" not in lines
 

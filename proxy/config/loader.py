@@ -9,8 +9,10 @@ Environment overrides: ``MTLS_PROXY_<SECTION>_<KEY>`` (``MTLS_PROXY_UPSTREAM_REA
 ``MTLS_PROXY_<KEY>``, lists as JSON arrays, the whole rule list as JSON in ``MTLS_PROXY_ALLOW``.  An unknown
 ``MTLS_PROXY_*`` variable is an error, so a typo cannot silently leave a default in place.
 
-PEM sources (``cert``, ``key``, ``client_ca``, ``crl``, ``ca_bundle``) are file paths, or ``env:NAME`` to read
-the PEM text from environment variable NAME (how ECS injects Secrets Manager secrets).  Relative paths in the file
+PEM sources (``cert``, ``key``, ``client_ca``, ``crl``, ``ca_bundle``) are file paths, ``env:NAME`` (the PEM text of
+environment variable NAME, how ECS injects secrets), or remote sources: ``s3://bucket/key``,
+``secretsmanager:NAME_OR_ARN``, ``ssm:/parameter/name``; ``https://`` for CA bundles and the CRL, ``http://`` for
+the CRL only (``proxy.sources.location`` owns the grammar; this module decides which key takes which kind).  Relative paths in the file
 are relative to the file's directory; relative paths from the environment are relative to the working directory.
 
 Must not: open certificates or sockets (``proxy.tls`` loads and checks the PEM files), or exit the process.
@@ -20,13 +22,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, ConfigErrors
+from ..sources import location
 from . import values
 from .model import (
     DEFAULTS,
@@ -45,16 +47,22 @@ from .model import (
 # --- schema --------------------------------------------------------------------------------------------------
 # Raw key types; the section tables below drive both TOML and environment parsing.
 _STR, _BOOL, _INT, _FLOAT, _LIST, _PEM, _ADDR = "str", "bool", "int", "float", "list", "pem", "address"
+# PEM keys by what they may hold: a certificate or private key never comes over a plain URL; CA bundles may come
+# from https:// (verified with the system trust store); a CRL (signed by its CA) also from an http:// distribution
+# point.  A CA bundle over plain http:// would let anyone on the path choose the proxy's trust anchors.
+_PEM_PUBLIC, _PEM_CRL = "pem-public", "pem-crl"
+_PEM_KINDS = {_PEM: location.KINDS_FOR_SECRETS, _PEM_PUBLIC: location.KINDS_FOR_PUBLIC,
+              _PEM_CRL: location.KINDS_FOR_CRL}
 
 _SERVER_KEYS = {
-    "listen": _ADDR, "cert": _PEM, "key": _PEM, "client_ca": _PEM, "crl": _PEM, "tls_versions": _LIST,
+    "listen": _ADDR, "cert": _PEM, "key": _PEM, "client_ca": _PEM_PUBLIC, "crl": _PEM_CRL, "tls_versions": _LIST,
     "ciphers": _STR, "verify_depth": _INT, "max_body_bytes": _INT, "proxy_protocol": _BOOL,
     "proxy_protocol_timeout": _FLOAT, "handshake_timeout": _FLOAT, "header_timeout": _FLOAT,
     "idle_timeout": _FLOAT, "max_connections": _INT, "workers": _INT, "shutdown_timeout": _FLOAT,
     "reload_interval": _FLOAT,
 }
 _UPSTREAM_KEYS = {
-    "url": _STR, "connect_to": _ADDR, "api_id": _STR, "ca_bundle": _PEM, "verify": _BOOL,
+    "url": _STR, "connect_to": _ADDR, "api_id": _STR, "ca_bundle": _PEM_PUBLIC, "verify": _BOOL,
     "connect_timeout": _FLOAT, "read_timeout": _FLOAT, "pool_max_idle": _INT, "pool_idle_timeout": _FLOAT,
 }
 _ADMIN_KEYS = {"listen": _ADDR}
@@ -118,18 +126,15 @@ def _convert(kind: str, value: Any, base_dir: Path | None, from_env: bool) -> An
         if not isinstance(value, str):
             raise ValueError("expected a \"host:port\" string")
         return values.parse_address(value)
-    if kind == _PEM:
-        if not isinstance(value, str) or not value:
-            raise ValueError("expected a file path or env:NAME")
-        if value.startswith("env:"):
-            name = value[4:]
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-                raise ValueError(f"bad environment variable name {name!r}")
-            return PemSource(env=name)
-        path = Path(value)
-        if not path.is_absolute() and base_dir is not None:
-            path = base_dir / path
-        return PemSource(path=path)
+    if kind in _PEM_KINDS:
+        loc = location.parse_location(value, base_dir)
+        if loc.kind not in _PEM_KINDS[kind]:
+            if kind == _PEM:
+                raise ValueError(f"{loc}: a certificate or private key cannot come from an {loc.kind}:// URL "
+                                 "(use a file, env:, s3://, secretsmanager: or ssm:)")
+            raise ValueError(f"{loc}: plain http:// is accepted only for server.crl (a signed CRL); "
+                             "use https://")
+        return PemSource(path=loc.path, env=loc.env, uri=loc.uri)
     raise AssertionError(kind)
 
 
