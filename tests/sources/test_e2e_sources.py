@@ -1,0 +1,89 @@
+"""End to end with the real process (``python -m proxy serve``) and moto's server on loopback: the client CA and
+the CRL live in SSM and S3, are re-read every ``reload_interval``, bad content keeps the last good copy (the
+error metric counts), and a changed client CA takes effect on new handshakes without a restart."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests.harness import client_ctx, free_port, spawn_proxy, write_config
+from tests.pki import Pki
+from tests.sources.conftest import unique
+
+
+def _status(port: int, ctx: ssl.SSLContext) -> int | None:
+    """The HTTP status the proxy answers a GET with, or None when the TLS handshake or connection fails."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"GET /x HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n")
+            head = tls.recv(64)
+    except (ssl.SSLError, OSError):
+        return None
+    return int(head.split()[1]) if head.startswith(b"HTTP/1.1 ") else None
+
+
+def _wait_for(check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _metric(proxy: Any, line_start: str) -> float | None:
+    for line in proxy.admin_get("/metrics")[1].splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_sources_in_s3_and_ssm_reload_without_restart(tmp_path: Path, pki: Pki, aws_env: Any,
+                                                     aws: Callable[[str], Any]) -> None:
+    bucket, param = unique("pki"), "/" + unique("ca")
+    s3, ssm = aws("s3"), aws("ssm")
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="crl.pem", Body=pki.crl_bundle.read_bytes())
+    ssm.put_parameter(Name=param, Value=pki.client_ca.read_text(), Type="SecureString")
+    path = write_config(tmp_path / "p.toml", pki, free_port(), server={
+        "crl": f"s3://{bucket}/crl.pem", "client_ca": f"ssm:{param}", "reload_interval": 0.5})
+    proxy = spawn_proxy(path, tmp_path, env=aws_env.env())
+    try:
+        good = client_ctx(pki, "good")
+        assert _status(proxy.port, good) == 502  # admitted (no upstream is running: 502 after the rules)
+        assert _status(proxy.port, client_ctx(pki, "revoked")) is None  # the S3 CRL revokes it
+
+        # Garbage in the CRL object: the last good CRL stays in force and the error metric counts.
+        s3.put_object(Bucket=bucket, Key="crl.pem", Body=b"not a CRL")
+        assert _wait_for(lambda: (_metric(proxy, 'mtls_proxy_source_errors_total{source="server.crl"}') or 0) >= 2)
+        assert _status(proxy.port, good) == 502
+        assert _status(proxy.port, client_ctx(pki, "revoked")) is None
+        # Deleted: the same.
+        s3.delete_object(Bucket=bucket, Key="crl.pem")
+        before = _metric(proxy, 'mtls_proxy_source_errors_total{source="server.crl"}') or 0
+        assert _wait_for(lambda: (_metric(proxy, 'mtls_proxy_source_errors_total{source="server.crl"}') or 0)
+                         > before + 1)
+        assert _status(proxy.port, good) == 502
+        assert proxy.proc.poll() is None
+        stderr = proxy.stderr()
+        assert stderr.count("source server.crl failing") == 1, stderr  # logged once per state change
+        s3.put_object(Bucket=bucket, Key="crl.pem", Body=pki.crl_bundle.read_bytes())
+        assert _wait_for(lambda: "source server.crl recovered" in proxy.stderr())
+        age = _metric(proxy, 'mtls_proxy_source_age_seconds{source="server.crl"}')
+        assert age is not None and age < 5
+
+        # A new client CA in SSM (one that did not issue "good"): new handshakes use it, no restart.
+        started = time.monotonic()
+        ssm.put_parameter(Name=param, Value=pki.other_client_ca.read_text(), Type="SecureString", Overwrite=True)
+        assert _wait_for(lambda: _status(proxy.port, good) is None)
+        took = time.monotonic() - started
+        assert proxy.proc.poll() is None
+        print(f"client CA change in SSM took effect after {took:.2f} s (reload_interval 0.5 s)")
+    finally:
+        proxy.stop()
