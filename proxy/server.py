@@ -162,8 +162,10 @@ class ProxyServer:
 
     def _build_reloaded(self) -> Runtime:
         cfg = self.cfg
-        if cfg.source not in ("<environment>", "<defaults>"):
-            fresh = config_mod.load(cfg.source)
+        # An environment-only config is read again only for its allow_from document (the process's environment
+        # itself never changes).
+        if cfg.source != "<defaults>" and (cfg.source != "<environment>" or cfg.allow_from is not None):
+            fresh = config_mod.load(None if cfg.source == "<environment>" else cfg.source)
             changed = _unreloadable_changes(cfg, fresh)
             if changed:
                 log.warning("config changes need a restart to apply: %s", ", ".join(changed))
@@ -280,12 +282,19 @@ def _remote_sources(cfg: Config) -> dict[str, Any]:
     """Config key -> Location of every remote PEM source (polled every ``reload_interval``)."""
     pems = {"server.cert": cfg.server.cert, "server.key": cfg.server.key, "server.client_ca": cfg.server.client_ca,
             "server.crl": cfg.server.crl, "upstream.ca_bundle": cfg.upstream.ca_bundle}
+    pems["allow_from"] = cfg.allow_from
     return {key: src.location for key, src in pems.items() if src is not None and src.remote}
 
 
 def _pem_only(data: bytes) -> None:
     if b"-----BEGIN " not in data:
         raise ValueError("no PEM data")
+
+
+def _rules_document(data: bytes) -> None:
+    from .config.loader import parse_rules_document
+
+    parse_rules_document(data)  # the rules themselves are checked by the reload, which keeps the old on failure
 
 
 def _crl_only(data: bytes) -> None:
@@ -302,7 +311,7 @@ def _crl_only(data: bytes) -> None:
 # Content a poll refuses outright (keeping the last good copy); deeper problems (a key that does not match its
 # certificate) are caught by building the new snapshot, which keeps the old one on failure.
 _VALIDATORS = {"server.cert": _pem_only, "server.key": _pem_only, "server.client_ca": _pem_only,
-               "server.crl": _crl_only, "upstream.ca_bundle": _pem_only}
+               "server.crl": _crl_only, "upstream.ca_bundle": _pem_only, "allow_from": _rules_document}
 
 
 RELOAD_SETTLE = 1.0  # seconds the watched files must stay unchanged before a change-triggered reload

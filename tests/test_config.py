@@ -326,7 +326,8 @@ ENV_TABLE: list[tuple[str, str, str, Any]] = [
 def test_env_table_covers_every_schema_key() -> None:
     expected = {f"MTLS_PROXY_{section.upper()}_{key.upper()}"
                 for section, keys in config.loader._SECTIONS.items() for key in keys}
-    expected |= {f"MTLS_PROXY_{key.upper()}" for key in config.loader._TOP_KEYS}
+    # MTLS_PROXY_ALLOW_FROM replaces the inline rules MINIMAL has: test_allow_from_the_environment covers it.
+    expected |= {f"MTLS_PROXY_{key.upper()}" for key in config.loader._TOP_KEYS if key != "allow_from"}
     assert {row[0] for row in ENV_TABLE} == expected
 
 
@@ -728,3 +729,58 @@ def test_rate_limit_from_the_environment_rules(tmp_path: Path) -> None:
     env = {"MTLS_PROXY_ALLOW": '[{"name": "p", "subject_cn": ["a"], "burst": 2}]'}
     assert errors(write(tmp_path, BASE), env) == [
         "MTLS_PROXY_ALLOW[0].burst: needs rate_limit in the same rule (burst is how many requests may come at once)"]
+
+
+# ---- allow_from: rules from a document ---------------------------------------------------------------------
+
+NO_RULES = MINIMAL.split("[[allow]]")[0]
+
+
+@pytest.mark.parametrize("name, text", [
+    ("rules.toml", '[[allow]]\nname = "partner-b"\nsubject_cn = ["client-b"]\nmethods = ["GET"]\n'),
+    ("rules.json", '[{"name": "partner-b", "subject_cn": ["client-b"], "methods": ["GET"]}]'),
+    ("rules2.json", '{"allow": [{"name": "partner-b", "subject_cn": ["client-b"], "methods": ["GET"]}]}'),
+])
+def test_allow_from_a_toml_or_json_document(tmp_path: Path, name: str, text: str) -> None:
+    (tmp_path / name).write_text(text)
+    cfg = load(write(tmp_path, edit(NO_RULES, "", f'allow_from = "{name}"')))
+    assert cfg.allow == (AllowRule(name="partner-b", subject_cn=("client-b",), methods=("GET",)),)
+    assert cfg.allow_from == PemSource(path=tmp_path / name)
+    assert tmp_path / name in cfg.watched_files  # a file document is reloaded like the config file
+
+
+def test_allow_from_rules_are_validated_like_inline_rules(tmp_path: Path) -> None:
+    (tmp_path / "rules.toml").write_text('[[allow]]\nname = "p"\nsubject_cn = ["c"]\nmethods = ["get"]\n'
+                                         '[[allow]]\nsubject_cn = ["d"]\n')
+    lines = errors(write(tmp_path, edit(NO_RULES, "", 'allow_from = "rules.toml"')))
+    assert lines == ["allow_from.allow[1].name: required",
+                     "allow_from.allow[0].methods[0]: must be an uppercase HTTP method such as 'GET', got 'get'"], lines
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("[[allow]\n", "invalid TOML"), ("[{]", "invalid JSON"), ('{"rules": []}', "unknown key 'rules'"),
+    ("[server]\nlisten = \"x\"\n", "unknown key 'server'"), ('{"allow": 5}', "expected a list of rules")])
+def test_a_bad_rules_document_is_one_line(tmp_path: Path, text: str, fragment: str) -> None:
+    (tmp_path / "rules.doc").write_text(text)
+    lines = errors(write(tmp_path, edit(NO_RULES, "", 'allow_from = "rules.doc"')))
+    assert len(lines) == 1 and lines[0].startswith(f"allow_from: {tmp_path / 'rules.doc'}: ") \
+        and fragment in lines[0], lines
+
+
+def test_allow_from_and_inline_rules_together_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "rules.toml").write_text('[[allow]]\nname = "p"\nsubject_cn = ["c"]\n')
+    assert errors(write(tmp_path, edit(MINIMAL, "", 'allow_from = "rules.toml"'))) == [
+        "allow_from: allow rules and allow_from together: give the rules in one place"]
+
+
+def test_allow_from_a_missing_document_names_the_key(tmp_path: Path) -> None:
+    assert errors(write(tmp_path, edit(NO_RULES, "", 'allow_from = "absent.toml"'))) == [
+        f"allow_from: {tmp_path / 'absent.toml'}: file not found"]
+
+
+def test_allow_from_the_environment(tmp_path: Path) -> None:
+    (tmp_path / "rules.json").write_text('[{"name": "p", "subject_cn": ["c"]}]')
+    cfg = load(write(tmp_path, NO_RULES), {"MTLS_PROXY_ALLOW_FROM": str(tmp_path / "rules.json")})
+    assert [r.name for r in cfg.allow] == ["p"]
+    assert errors(write(tmp_path, NO_RULES), {"MTLS_PROXY_ALLOW_FROM": "http://h/rules.json"})[0].startswith(
+        "MTLS_PROXY_ALLOW_FROM: http://h/rules.json: plain http://")

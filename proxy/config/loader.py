@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -50,9 +51,9 @@ _STR, _BOOL, _INT, _FLOAT, _LIST, _PEM, _ADDR = "str", "bool", "int", "float", "
 # PEM keys by what they may hold: a certificate or private key never comes over a plain URL; CA bundles may come
 # from https:// (verified with the system trust store); a CRL (signed by its CA) also from an http:// distribution
 # point.  A CA bundle over plain http:// would let anyone on the path choose the proxy's trust anchors.
-_PEM_PUBLIC, _PEM_CRL = "pem-public", "pem-crl"
+_PEM_PUBLIC, _PEM_CRL, _RULES_SRC = "pem-public", "pem-crl", "rules-source"
 _PEM_KINDS = {_PEM: location.KINDS_FOR_SECRETS, _PEM_PUBLIC: location.KINDS_FOR_PUBLIC,
-              _PEM_CRL: location.KINDS_FOR_CRL}
+              _PEM_CRL: location.KINDS_FOR_CRL, _RULES_SRC: location.KINDS_FOR_PUBLIC}
 
 _SERVER_KEYS = {
     "listen": _ADDR, "cert": _PEM, "key": _PEM, "client_ca": _PEM_PUBLIC, "crl": _PEM_CRL, "tls_versions": _LIST,
@@ -74,7 +75,7 @@ _RULE_KEYS = {
 }
 _SECTIONS = {"server": _SERVER_KEYS, "upstream": _UPSTREAM_KEYS, "admin": _ADMIN_KEYS, "log": _LOG_KEYS,
              "identity": _IDENTITY_KEYS}
-_TOP_KEYS = {"allow_all_verified": _BOOL}
+_TOP_KEYS = {"allow_all_verified": _BOOL, "allow_from": _RULES_SRC}
 _REQUIRED = {"server": ("cert", "key", "client_ca"), "upstream": ("url",)}
 
 _PLACEHOLDERS: dict[str, Any] = {"cert": PemSource(Path("-")), "key": PemSource(Path("-")),
@@ -258,6 +259,12 @@ def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None 
             c.add(_printable(key), "unknown key")
     rules_raw, rules_from_env = _apply_env(environ, values, top, rules_raw, c)
     rules_key = f"{ENV_PREFIX}ALLOW" if rules_from_env else "allow"
+    allow_from: PemSource | None = top.pop("allow_from", None)
+    if allow_from is not None:
+        if rules_raw is not None:
+            c.add("allow_from", f"{rules_key} rules and allow_from together: give the rules in one place")
+        else:
+            rules_raw, rules_key = read_rules_document(allow_from, environ, c), "allow_from.allow"
 
     for section, keys in _REQUIRED.items():
         for key in keys:
@@ -268,10 +275,53 @@ def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None 
                 # A stand-in (never used: there is an error) lets the other values be checked in the same run.
                 values[section][key] = _PLACEHOLDERS[key]
     rules = _rules(rules_raw, base_dir, c, rules_key)
-    cfg = _build(values, top, rules, rules_key, source, environ, c)
+    cfg = _build(values, top, rules, rules_key, source, environ, c, allow_from)
     if c.errors or cfg is None:
         raise ConfigErrors(c.errors)
     return cfg
+
+
+def parse_rules_document(data: bytes) -> list[Any]:
+    """The raw rule list of an ``allow_from`` document: JSON (a list of rule objects, or ``{"allow": [...]}``) or
+    TOML (``[[allow]]`` tables and nothing else).  ValueError with a one-line reason."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+    # JSON: an object, or a list of objects (or empty); anything else is TOML (``[[allow]]`` also starts with "[").
+    if re.match(r"\s*(\{|\[\s*[{\]])", text):
+        try:
+            doc: Any = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"invalid JSON: {exc.msg} (line {exc.lineno})") from None
+    else:
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"invalid TOML: {exc}") from None
+    if isinstance(doc, dict):
+        extra = sorted(set(doc) - {"allow"})
+        if extra:
+            raise ValueError(f"unknown key {extra[0]!r} (a rules document holds only [[allow]] rules)")
+        doc = doc.get("allow", [])
+    if not isinstance(doc, list):
+        raise ValueError("expected a list of rules ([[allow]] tables)")
+    return doc
+
+
+def read_rules_document(src: PemSource, environ: Mapping[str, str], c: _Collector) -> list[Any] | None:
+    """Read the ``allow_from`` document once (remote kinds through ``proxy.sources``; boto3 only for AWS)."""
+    from ..sources.material import Material
+
+    material = Material({"allow_from": src.location}, environ=environ)
+    try:
+        material.load()
+        return parse_rules_document(material["allow_from"])
+    except ConfigErrors as exc:
+        c.errors.extend(exc.errors)
+    except ValueError as exc:
+        c.add("allow_from", f"{src}: {exc}")
+    return None
 
 
 def _rules(raw: Any, base_dir: Path | None, c: _Collector, where: str) -> tuple[AllowRule, ...]:
@@ -300,7 +350,8 @@ def _check_range(c: _Collector, key: str, value: float, low: float, high: float)
 
 
 def _build(values: dict[str, dict[str, Any]], top: dict[str, Any], rules: tuple[AllowRule, ...], rules_key: str,
-           source: str, environ: Mapping[str, str], c: _Collector) -> Config | None:
+           source: str, environ: Mapping[str, str], c: _Collector,
+           allow_from: PemSource | None = None) -> Config | None:
     s, u = values["server"], values["upstream"]
     server = ServerConfig(**s)
     versions = server.tls_versions
@@ -337,20 +388,20 @@ def _build(values: dict[str, dict[str, Any]], top: dict[str, Any], rules: tuple[
         _check_rule(c, f"{rules_key}[{i}]", rule, names, server.proxy_protocol)
         _check_limit(c, f"{rules_key}[{i}]", rule)
     # Rules that were given but are broken already have their lines; "no rules" would be a second one.
-    broken = any(e.key.split("[")[0] in (rules_key, f"{ENV_PREFIX}ALLOW") for e in c.errors)
+    broken = any(e.key.split("[")[0] in (rules_key, f"{ENV_PREFIX}ALLOW", "allow_from") for e in c.errors)
     if not rules and not allow_all and not broken:
         c.add("allow", "no [[allow]] rules: every request would be refused "
                        "(add a rule, or set allow_all_verified = true to admit any verified client)")
     if c.errors or upstream is None:
         return None
     watched = tuple(sorted({src.path for src in (server.cert, server.key, server.client_ca, server.crl,
-                                                upstream.ca_bundle)
+                                                upstream.ca_bundle, allow_from)
                             if src is not None and src.path is not None}))
     if source not in (ENVIRONMENT, DEFAULTS):
         watched = (Path(source).resolve(), *watched)
     return Config(server=server, upstream=upstream, admin=admin, log=log,
                   identity=IdentityConfig(**values["identity"]), allow=rules,
-                  allow_all_verified=allow_all, source=source, watched_files=watched)
+                  allow_all_verified=allow_all, allow_from=allow_from, source=source, watched_files=watched)
 
 
 MAX_RATE = 1e6  # requests per second: beyond this a limit is no limit (the bucket works in whole nanoseconds)

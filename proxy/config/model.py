@@ -149,6 +149,7 @@ class Config:
     identity: IdentityConfig = IdentityConfig()
     allow: tuple[AllowRule, ...] = ()
     allow_all_verified: bool = False
+    allow_from: PemSource | None = None  # where the rules came from, when not inline (re-read like PEM sources)
     source: str = DEFAULTS  # the TOML file's path, or ENVIRONMENT / DEFAULTS
     # Files the running proxy watches for hot reload (the config file itself and every file-based PEM source).
     watched_files: tuple[Path, ...] = field(default=(), compare=False)

@@ -87,3 +87,29 @@ def test_sources_in_s3_and_ssm_reload_without_restart(tmp_path: Path, pki: Pki, 
         print(f"client CA change in SSM took effect after {took:.2f} s (reload_interval 0.5 s)")
     finally:
         proxy.stop()
+
+
+def test_a_partner_onboarded_in_the_s3_rules_document_is_admitted_without_restart(
+        tmp_path: Path, pki: Pki, aws_env: Any, aws: Callable[[str], Any]) -> None:
+    bucket = unique("rules")
+    s3 = aws("s3")
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="rules.toml", Body=b'[[allow]]\nname = "other"\nsubject_cn = ["nobody"]\n')
+    path = write_config(tmp_path / "p.toml", pki, free_port(), rules=[],
+                        top={"allow_from": f"s3://{bucket}/rules.toml"}, server={"reload_interval": 0.5})
+    proxy = spawn_proxy(path, tmp_path, env=aws_env.env())
+    try:
+        good = client_ctx(pki, "good")
+        assert _status(proxy.port, good) == 403  # verified, but no rule names it
+        # A rule that fails validation: the old rules stay, the proxy keeps serving.
+        s3.put_object(Bucket=bucket, Key="rules.toml", Body=b'[[allow]]\nname = "a"\nsubject_cn = []\n')
+        assert _wait_for(lambda: 'mtls_proxy_reloads_total{result="error"} 1.0' in proxy.admin_get("/metrics")[1])
+        assert _status(proxy.port, good) == 403
+        started = time.monotonic()
+        s3.put_object(Bucket=bucket, Key="rules.toml", Body=b'[[allow]]\nname = "other"\nsubject_cn = ["nobody"]\n'
+                      b'[[allow]]\nname = "partner-a"\nsubject_cn = ["client-a"]\n')
+        assert _wait_for(lambda: _status(proxy.port, good) == 502)  # admitted (no upstream: 502)
+        print(f"onboarding through S3 took effect after {time.monotonic() - started:.2f} s")
+        assert proxy.proc.poll() is None
+    finally:
+        proxy.stop()
