@@ -305,6 +305,7 @@ ENV_TABLE: list[tuple[str, str, str, Any]] = [
     ("MTLS_PROXY_SERVER_WORKERS", "4", "server.workers", 4),
     ("MTLS_PROXY_SERVER_SHUTDOWN_TIMEOUT", "100", "server.shutdown_timeout", 100.0),
     ("MTLS_PROXY_SERVER_RELOAD_INTERVAL", "0", "server.reload_interval", 0.0),
+    ("MTLS_PROXY_SERVER_CRL_WARN_DAYS", "2", "server.crl_warn_days", 2.0),
     ("MTLS_PROXY_UPSTREAM_URL", "https://x1.execute-api.eu-west-1.amazonaws.com:8443/v1/",
      "upstream.url", "https://x1.execute-api.eu-west-1.amazonaws.com:8443/v1/"),
     ("MTLS_PROXY_UPSTREAM_CONNECT_TO", "10.0.0.5:443", "upstream.connect_to", Address("10.0.0.5", 443)),

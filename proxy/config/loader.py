@@ -60,7 +60,7 @@ _SERVER_KEYS = {
     "ciphers": _STR, "verify_depth": _INT, "max_body_bytes": _INT, "proxy_protocol": _BOOL,
     "proxy_protocol_timeout": _FLOAT, "handshake_timeout": _FLOAT, "header_timeout": _FLOAT,
     "idle_timeout": _FLOAT, "max_connections": _INT, "workers": _INT, "shutdown_timeout": _FLOAT,
-    "reload_interval": _FLOAT,
+    "reload_interval": _FLOAT, "crl_warn_days": _FLOAT,
 }
 _UPSTREAM_KEYS = {
     "url": _STR, "connect_to": _ADDR, "api_id": _STR, "ca_bundle": _PEM_PUBLIC, "verify": _BOOL,
@@ -367,6 +367,7 @@ def _build(values: dict[str, dict[str, Any]], top: dict[str, Any], rules: tuple[
                 "shutdown_timeout"):
         _check_range(c, f"server.{key}", getattr(server, key), 0.01, 86400)
     _check_range(c, "server.reload_interval", server.reload_interval, 0, 86400)
+    _check_range(c, "server.crl_warn_days", server.crl_warn_days, 0, 3650)
 
     upstream = _build_upstream(u, c)
     admin = AdminConfig(**values["admin"])

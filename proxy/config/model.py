@@ -82,6 +82,7 @@ class ServerConfig:
     workers: int = 1
     shutdown_timeout: float = 25.0
     reload_interval: float = 30.0
+    crl_warn_days: float = 7.0  # ``check`` warns when a CRL's nextUpdate is this close
 
 
 @dataclass(frozen=True, slots=True)
