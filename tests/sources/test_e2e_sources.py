@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from tests.harness import client_ctx, free_port, spawn_proxy, write_config
 from tests.pki import Pki
@@ -112,4 +116,58 @@ def test_a_partner_onboarded_in_the_s3_rules_document_is_admitted_without_restar
         print(f"onboarding through S3 took effect after {time.monotonic() - started:.2f} s")
         assert proxy.proc.poll() is None
     finally:
+        proxy.stop()
+
+
+def test_server_certificate_rotated_in_secrets_manager_with_no_failed_handshake(
+        tmp_path: Path, pki: Pki, aws_env: Any, aws: Callable[[str], Any]) -> None:
+    # Certificate and key in one secret, so a rotation can never pair a new certificate with an old key.
+    secret = unique("server-tls")
+    sm = aws("secretsmanager")
+    sm.create_secret(Name=secret, SecretString=pki.server_cert.read_text() + pki.server_key.read_text())
+    path = write_config(tmp_path / "p.toml", pki, free_port(), server={
+        "cert": f"secretsmanager:{secret}", "key": f"secretsmanager:{secret}", "reload_interval": 0.5})
+    proxy = spawn_proxy(path, tmp_path, env=aws_env.env())
+    ctx = client_ctx(pki, "good")
+    ctx.load_verify_locations(cafile=pki.upstream_ca)  # trusts the issuer of the rotated-in certificate too
+    old_der, new_der = (x509.load_pem_x509_certificates(p.read_bytes())[0].public_bytes(Encoding.DER)
+                        for p in (pki.server_cert, pki.upstream_cert))
+    results: list[tuple[int | None, str]] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as raw, \
+                        ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                    der = tls.getpeercert(binary_form=True)
+                    issuer = "old" if der == old_der else "new" if der == new_der else "unknown"
+                    tls.sendall(b"GET /x HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n")
+                    head = tls.recv(64)
+                results.append((int(head.split()[1]) if head.startswith(b"HTTP/1.1 ") else None, str(issuer)))
+            except (ssl.SSLError, OSError) as exc:
+                results.append((None, repr(exc)))
+
+    worker = threading.Thread(target=hammer)
+    try:
+        worker.start()
+        assert _wait_for(lambda: len(results) >= 3)
+        started = time.monotonic()
+        sm.put_secret_value(SecretId=secret,
+                            SecretString=pki.upstream_cert.read_text() + pki.upstream_key.read_text())
+        assert _wait_for(lambda: bool(results) and results[-1][1] == "new")
+        took = time.monotonic() - started
+        count = len(results)
+        assert _wait_for(lambda: len(results) >= count + 3)
+        stop.set()
+        worker.join(10)
+        failed = [r for r in results if r[0] != 502]  # 502: admitted, no upstream runs
+        assert failed == [], failed[:5]
+        issuers = [r[1] for r in results]
+        first_new = issuers.index("new")
+        assert first_new > 0 and set(issuers[:first_new]) == {"old"} and set(issuers[first_new:]) == {"new"}
+        print(f"rotation: {len(results)} requests, 0 failed; new certificate served after {took:.2f} s")
+    finally:
+        stop.set()
+        worker.join(10)
         proxy.stop()
