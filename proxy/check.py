@@ -1,7 +1,8 @@
 """``mtls-proxy check``: validate a configuration and everything it names, and warn about weak settings.
 
 Owns: the list of warnings (exit status stays 0): TLS 1.2 suites without AEAD (CBC) or with 3DES, upstream
-verification off, ``allow_all_verified``, ``identity.client_cert_header`` (its size cost), certificates or CRLs that expire within 30 days, CRL coverage (with
+verification off, ``allow_all_verified``, ``identity.client_cert_header`` (its size cost), certificates that
+expire within 30 days, CRLs whose nextUpdate is within ``server.crl_warn_days``, CRL coverage (with
 ``crl`` set, OpenSSL refuses every client whose issuing CA has no CRL in the file), and OpenSSL fast paths this
 Python cannot use (``proxy.openssl``: the proxy works without them, with more CPU per request).
 
@@ -46,7 +47,7 @@ def check(path: str | None) -> tuple[list[str], list[str]]:
                         "intermediates it sent (Client-Cert, Client-Cert-Chain: base64, 4/3 of their DER size, often "
                         "1-4 KB); API Gateway refuses a request line plus headers over 10240 bytes, so a request the "
                         "certificate pushes past that is refused by the proxy with 431 identity_too_large")
-    warnings += _expiry_warnings(rt.facts)
+    warnings += _expiry_warnings(rt.facts, cfg.server.crl_warn_days)
     warnings += _crl_coverage(cfg)
     warnings += [f"openssl: fast path {name} {state}" for name, state in
                  openssl.fast_paths(rt.server_context, rt.upstream_context).items() if state != "on"]
@@ -75,10 +76,13 @@ def _label_key(fact: CertFact) -> str:
     return {"server": "server.cert", "client_ca": f"server.client_ca ({name})", "crl": f"server.crl ({name})"}[kind]
 
 
-def _expiry_warnings(facts: list[CertFact]) -> list[str]:
+def _expiry_warnings(facts: list[CertFact], crl_warn_days: float) -> list[str]:
     now = dt.datetime.now(dt.timezone.utc).timestamp()
     out = []
-    for f in expiring(facts, WARN_DAYS, now):
+    # A CRL is reissued every few days (a week's validity is common), so it has its own, shorter horizon.
+    crls = [f for f in facts if f.label.startswith("crl:")]
+    certs = [f for f in facts if not f.label.startswith("crl:")]
+    for f in expiring(certs, WARN_DAYS, now) + expiring(crls, crl_warn_days, now):
         when = dt.datetime.fromtimestamp(f.not_after, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         what = "next update" if f.label.startswith("crl:") else "expiry"
         if f.not_after <= now:

@@ -19,6 +19,7 @@ Must not: do IO, or take labels from client input.
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -84,6 +85,10 @@ class Metrics:
         self.upstream_duration = Histogram()
         # Set by the server: returns (client_cert_expiry, cert_tracking_dropped, rate_limit_evictions) at snapshot.
         self.partner_facts: Callable[[], tuple[dict[str, float], int, int]] | None = None
+        # Remote sources (proxy.sources), by config key (a bounded label: never the URL): failed polls, and the
+        # time.monotonic() of the last good read (shown as an age).
+        self.source_errors: dict[str, int] = {}
+        self.source_last_ok: dict[str, float] = {}
 
     def request(self, method: str, status: int, rule: str | None, duration: float, upstream: float | None) -> None:
         key = (method if method in KNOWN_METHODS else "OTHER", _STATUS_LABELS.get(status) or str(status), rule or "")
@@ -117,6 +122,8 @@ class Metrics:
             "rate_limit_evictions": self.rate_limit_evictions,
             "request_duration": _hist_snapshot(self.request_duration),
             "upstream_duration": _hist_snapshot(self.upstream_duration),
+            "source_errors": dict(self.source_errors),
+            "source_age": {k: max(0.0, time.monotonic() - v) for k, v in self.source_last_ok.items()},
         }
 
 
@@ -140,6 +147,10 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
         for key in ("cert_expiry", "client_cert_expiry"):
             for k, v in snap[key].items():
                 out[key][k] = min(v, out[key].get(k, v))
+        for k, v in snap.get("source_errors", {}).items():
+            out["source_errors"][k] = out["source_errors"].get(k, 0) + v
+        for k, v in snap.get("source_age", {}).items():  # the stalest worker's copy is what matters
+            out["source_age"][k] = max(v, out["source_age"].get(k, v))
         for key in ("request_duration", "upstream_duration"):
             h, o = snap[key], out[key]
             o["counts"] = [a + b for a, b in zip(o["counts"], h["counts"])]
@@ -192,6 +203,12 @@ def families(snap: Snapshot) -> Iterator[Metric]:
                               value=snap["rate_limit_evictions"])
     yield _labelled(CounterMetricFamily, "mtls_proxy_reloads", "Certificate/rule reloads by result.", "result",
                     snap["reloads"])
+    yield _labelled(CounterMetricFamily, "mtls_proxy_source_errors",
+                    "Polls in which a remote source (by config key) could not be read or held refused content.",
+                    "source", snap.get("source_errors", {}))
+    yield _labelled(GaugeMetricFamily, "mtls_proxy_source_age_seconds",
+                    "Seconds since each remote source (by config key) was last read and accepted.", "source",
+                    snap.get("source_age", {}))
     yield _labelled(CounterMetricFamily, "mtls_proxy_proxy_protocol_errors",
                     "Connections closed for a bad PROXY header, by reason.", "reason", snap["proxy_protocol_errors"])
 

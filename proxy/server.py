@@ -26,6 +26,7 @@ import signal
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 from . import config as config_mod
 from .accesslog import AccessLog
@@ -69,6 +70,7 @@ class ProxyServer:
         self._access_fd = access_fd if cfg.log.access else None
         self._listener: Listener | None = None
         self._stamps: dict[Path, tuple[int, int, int] | None] = {}
+        self._sources: Any = None  # proxy.sources.material.Material of the remote PEM sources, if any
         self.address: tuple[str, int] | None = None
 
     async def start(self, sock: socket.socket | None = None, runtime: Runtime | None = None) -> None:
@@ -77,6 +79,14 @@ class ProxyServer:
         self.runtime = runtime or build_runtime(self.cfg)
         self._publish_facts(self.runtime)
         self._stamps = _stamp_all(self.cfg.watched_files)
+        remote = _remote_sources(self.cfg)
+        if remote:
+            # Imported only here: a proxy with file and env: sources never loads the source readers (or boto3).
+            from .sources.material import Material
+
+            self._sources = Material(remote, _VALIDATORS, environ=os.environ)
+            await self.loop.run_in_executor(None, self._sources.load)  # ConfigErrors naming the key: fatal
+            self._record_sources()
         self.pool = UpstreamPool(self.loop, self.cfg.upstream, self.runtime.upstream_context)
         self.access_log = AccessLog(self.loop, self._access_fd, self.metrics)
         self.lingerer = Lingerer(self.loop, limit=self.cfg.server.max_connections)
@@ -110,6 +120,27 @@ class ProxyServer:
         stamps = _stamp_all(self.cfg.watched_files)
         return stamps != self._stamps
 
+    async def sources_changed(self) -> bool:
+        """Re-read every remote source conditionally (off the loop); True when one holds new good content.
+
+        A source that fails, or holds content its validator refuses, keeps its last good copy (the running
+        snapshot is untouched), counts ``mtls_proxy_source_errors_total{source}`` and is logged once when it
+        turns failing and once when it recovers."""
+        if self._sources is None:
+            return False
+        result = await self.loop.run_in_executor(None, self._sources.poll)
+        for key, problem in result.became_failing.items():
+            log.error("source %s failing, keeping its last good copy: %s", key, problem)
+        for key in result.recovered:
+            log.info("source %s recovered", key)
+        self._record_sources()
+        return bool(result.changed)
+
+    def _record_sources(self) -> None:
+        for key, health in self._sources.health().items():
+            self.metrics.source_errors[key] = health.errors
+            self.metrics.source_last_ok[key] = health.last_ok
+
     async def reload(self) -> bool:
         """Re-read config and files off the loop; swap on success, keep the old snapshot on failure."""
         stamps = _stamp_all(self.cfg.watched_files)
@@ -131,8 +162,10 @@ class ProxyServer:
 
     def _build_reloaded(self) -> Runtime:
         cfg = self.cfg
-        if cfg.source not in ("<environment>", "<defaults>"):
-            fresh = config_mod.load(cfg.source)
+        # An environment-only config is read again only for its allow_from document (the process's environment
+        # itself never changes).
+        if cfg.source != "<defaults>" and (cfg.source != "<environment>" or cfg.allow_from is not None):
+            fresh = config_mod.load(None if cfg.source == "<environment>" else cfg.source)
             changed = _unreloadable_changes(cfg, fresh)
             if changed:
                 log.warning("config changes need a restart to apply: %s", ", ".join(changed))
@@ -245,6 +278,42 @@ async def run(cfg: Config, *, control_fd: int | None = None, runtime: Runtime | 
     return 0
 
 
+def _remote_sources(cfg: Config) -> dict[str, Any]:
+    """Config key -> Location of every remote PEM source (polled every ``reload_interval``)."""
+    pems = {"server.cert": cfg.server.cert, "server.key": cfg.server.key, "server.client_ca": cfg.server.client_ca,
+            "server.crl": cfg.server.crl, "upstream.ca_bundle": cfg.upstream.ca_bundle}
+    pems["allow_from"] = cfg.allow_from
+    return {key: src.location for key, src in pems.items() if src is not None and src.remote}
+
+
+def _pem_only(data: bytes) -> None:
+    if b"-----BEGIN " not in data:
+        raise ValueError("no PEM data")
+
+
+def _rules_document(data: bytes) -> None:
+    from .config.loader import parse_rules_document
+
+    parse_rules_document(data)  # the rules themselves are checked by the reload, which keeps the old on failure
+
+
+def _crl_only(data: bytes) -> None:
+    from .config import PemSource
+    from .errors import ConfigError
+    from .tls import load_crls
+
+    try:
+        load_crls(data, PemSource(path=Path("-")))
+    except ConfigError as exc:
+        raise ValueError(exc.message.removeprefix("-: ")) from None
+
+
+# Content a poll refuses outright (keeping the last good copy); deeper problems (a key that does not match its
+# certificate) are caught by building the new snapshot, which keeps the old one on failure.
+_VALIDATORS = {"server.cert": _pem_only, "server.key": _pem_only, "server.client_ca": _pem_only,
+               "server.crl": _crl_only, "upstream.ca_bundle": _pem_only, "allow_from": _rules_document}
+
+
 RELOAD_SETTLE = 1.0  # seconds the watched files must stay unchanged before a change-triggered reload
 RELOAD_SETTLE_ROUNDS = 10  # a file that never stops changing is loaded after this many settle periods anyway
 
@@ -262,8 +331,10 @@ async def _watch(server: ProxyServer, reload_now: asyncio.Event, stop: asyncio.E
             await asyncio.wait_for(reload_now.wait(), interval if interval > 0 else None)
         except TimeoutError:
             if not server.files_changed():
-                continue
-            await _settle(server, reload_now)
+                if not await server.sources_changed():
+                    continue
+            else:
+                await _settle(server, reload_now)
         reload_now.clear()
         await server.reload()
 

@@ -43,7 +43,23 @@ class CertFact:
 
 
 def read_pem(source: PemSource, key: str) -> bytes:
-    """The PEM bytes of a source, or ConfigError naming the key and the file or variable."""
+    """The PEM bytes of a source (a CRL may also be DER), or ConfigError naming the key and the source.
+
+    A remote source (S3, Secrets Manager, SSM, http(s)) is read once here, through ``proxy.sources``: at start-up
+    a source that cannot be read is fatal, naming the key (fail closed).  boto3 is imported only for AWS kinds."""
+    if source.uri is not None:
+        from .errors import ConfigErrors
+        from .sources.material import Material
+
+        material = Material({key: source.location}, environ=os.environ)
+        try:
+            material.load()
+        except ConfigErrors as exc:
+            raise exc.errors[0] from None
+        data = material[key]
+        if key != "server.crl" and b"-----BEGIN " not in data:
+            raise ConfigError(key, f"{source}: no PEM data")
+        return data
     if source.env is not None:
         value = os.environ.get(source.env)
         if not value:
@@ -56,7 +72,7 @@ def read_pem(source: PemSource, key: str) -> bytes:
         raise ConfigError(key, f"{source.path}: file not found") from None
     except OSError as exc:
         raise ConfigError(key, f"{source.path}: cannot read: {exc.strerror}") from None
-    if b"-----BEGIN " not in data:
+    if b"-----BEGIN " not in data and not (key == "server.crl" and data[:1] == b"\x30"):
         raise ConfigError(key, f"{source}: no PEM data")
     return data
 
@@ -185,6 +201,11 @@ def load_crls(pem: bytes, source: PemSource) -> list[x509.CertificateRevocationL
     naming ``server.crl`` for a bad or missing one."""
     crls = []
     marker = b"-----BEGIN X509 CRL-----"
+    if marker not in pem and pem[:1] == b"\x30":  # a DER SEQUENCE: CRL distribution points serve DER
+        try:
+            return [x509.load_der_x509_crl(pem)]
+        except ValueError as exc:
+            raise ConfigError("server.crl", f"{source}: bad DER CRL ({exc})") from None
     for part in pem.split(marker)[1:]:
         try:
             crls.append(x509.load_pem_x509_crl(marker + part.split(b"-----END X509 CRL-----")[0]

@@ -37,13 +37,29 @@ class Address:
 
 @dataclass(frozen=True, slots=True)
 class PemSource:
-    """Where PEM text comes from: a file (reloadable) or an environment variable (fixed for the process)."""
+    """Where PEM text comes from: a file (reloadable), an environment variable (fixed for the process), or a
+    remote source (``uri``: ``s3://bucket/key``, ``secretsmanager:ID``, ``ssm:NAME`` or an http(s) URL; re-read
+    every ``reload_interval`` with a conditional request).  Exactly one field is set."""
 
     path: Path | None = None
     env: str | None = None
+    uri: str | None = None
 
     def __str__(self) -> str:
+        if self.uri is not None:
+            return str(self.location)  # never shows a URL's query string
         return f"env:{self.env}" if self.env else str(self.path)
+
+    @property
+    def location(self) -> Any:
+        """The same place as a ``proxy.sources.Location`` (what the source readers take)."""
+        from ..sources.location import Location
+
+        return Location(path=self.path, env=self.env, uri=self.uri)
+
+    @property
+    def remote(self) -> bool:
+        return self.uri is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +82,7 @@ class ServerConfig:
     workers: int = 1
     shutdown_timeout: float = 25.0
     reload_interval: float = 30.0
+    crl_warn_days: float = 7.0  # ``check`` warns when a CRL's nextUpdate is this close
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +150,7 @@ class Config:
     identity: IdentityConfig = IdentityConfig()
     allow: tuple[AllowRule, ...] = ()
     allow_all_verified: bool = False
+    allow_from: PemSource | None = None  # where the rules came from, when not inline (re-read like PEM sources)
     source: str = DEFAULTS  # the TOML file's path, or ENVIRONMENT / DEFAULTS
     # Files the running proxy watches for hot reload (the config file itself and every file-based PEM source).
     watched_files: tuple[Path, ...] = field(default=(), compare=False)
