@@ -197,7 +197,7 @@ def parse_request_head(head: bytes, drop: frozenset[bytes] = frozenset()) -> Req
     (framing, Host, Connection, Expect, hop-by-hop, dropped names); every other line is forwarded untouched as
     part of one ``fields`` block.
     """
-    if head[:2] == b"\r\n":
+    if head[0] == 13:  # CR (an int compare: a bytes slice and compare cost several times more)
         while head.startswith(b"\r\n"):  # RFC 9112 §2.2: ignore empty lines before the request line
             head = head[2:]
     m = _REQUEST_LINE.match(head)
@@ -230,7 +230,7 @@ def parse_request_head(head: bytes, drop: frozenset[bytes] = frozenset()) -> Req
         # never interpreted.
         kind = classify.get(name, _H_DROP)
         if kind == _H_CL:
-            value = value.strip(b" \t")
+            value = value.strip()  # = strip(b" \t"): the block match allows no other whitespace in a value
             if content_length is not None:
                 raise BadRequest("duplicate Content-Length")
             if not value.isdigit() or len(value) > 18:
@@ -332,7 +332,7 @@ def parse_response_head(head: bytes) -> ResponseHead:
         raise UpstreamProtocolError(f"bad response head: more than {MAX_HEADERS} header fields")
     version, status_b, reason = m.groups(b"")
     http11 = version == b"1"
-    status = int(status_b)
+    status = _STATUS_CODES[status_b]  # the status line pattern admits exactly 100..999
     content_length: int | None = None
     chunked = False
     te_seen = False
@@ -342,7 +342,7 @@ def parse_response_head(head: bytes) -> ResponseHead:
     for m in _RESPONSE_SPECIAL.finditer(head.lower(), first):
         name, value = m.groups()
         if name == b"content-length":
-            value = value.strip(b" \t")
+            value = value.strip()  # = strip(b" \t"): the block match allows no other whitespace in a value
             if not value.isdigit() or len(value) > 18:
                 raise UpstreamProtocolError("invalid Content-Length in response")
             n = int(value)
@@ -379,13 +379,14 @@ def parse_response_head(head: bytes) -> ResponseHead:
     return ResponseHead(status, reason, http11, keep_alive, content_length, chunked, fields)
 
 
+_STATUS_CODES = {b"%d" % code: code for code in range(100, 1000)}
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b""})
 
 
 def _tokens(value: bytes) -> list[bytes]:
     """Comma-separated tokens of an (already lowercase) field value; one token needs no split."""
-    if b"," not in value:
-        return [value.strip(b" \t")]
+    if 44 not in value:  # b",": an int needle is a memchr; a bytes needle first fails as an int (an exception)
+        return [value.strip()]  # = strip(b" \t"): the block match allows no other whitespace in a value
     return [t.strip(b" \t") for t in value.split(b",")]
 
 
