@@ -207,6 +207,14 @@ class ClientConnection(asyncio.Protocol):
 
     # -- request head ---------------------------------------------------------------------------------------
     def _head(self, data: bytes) -> None:
+        if not self.buf and data and data[0] != 13:
+            # The usual case: a whole head in one read, no empty lines (CR LF) before it.  The same search
+            # http1.find_head_end makes (the first blank line, within MAX_HEAD); what it would raise for is only
+            # possible while the head is incomplete.  (bytes.find with bounds costs more than the compare.)
+            end = data.find(b"\r\n\r\n")
+            if 0 <= end <= http1.MAX_HEAD:
+                self._start(data[:end + 4], data[end + 4:])
+                return
         # Empty lines before a request line (RFC 9112 §2.2) do not start the head: only its first real byte
         # starts the header timeout, or a client could trickle behind one CRLF for the whole idle_timeout.
         first = not self.buf.strip(b"\r\n")
