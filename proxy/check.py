@@ -1,7 +1,8 @@
 """``mtls-proxy check``: validate a configuration and everything it names, and warn about weak settings.
 
 Owns: the list of warnings (exit status stays 0): TLS 1.2 suites without AEAD (CBC) or with 3DES, upstream
-verification off, ``allow_all_verified``, ``identity.client_cert_header`` (its size cost), certificates that
+verification off, ``allow_all_verified``, ``identity.client_cert_header`` (its size cost), client CA names over
+16 KB, certificates that
 expire within 30 days, CRLs whose nextUpdate is within ``server.crl_warn_days``, CRL coverage (with
 ``crl`` set, OpenSSL refuses every client whose issuing CA has no CRL in the file), and OpenSSL fast paths this
 Python cannot use (``proxy.openssl``: the proxy works without them, with more CPU per request).
@@ -16,13 +17,16 @@ import ssl
 
 from cryptography import x509
 
-from . import openssl
+from . import openssl, tls
 from .config import Config, load
 from .errors import ConfigErrors
 from .runtime import build_runtime
 from .tls import CertFact, expiring, load_crls, read_pem
 
 WARN_DAYS = 30
+
+
+CA_NAMES_WARN_BYTES = 16 * 1024
 
 
 def check(path: str | None) -> tuple[list[str], list[str]]:
@@ -47,6 +51,12 @@ def check(path: str | None) -> tuple[list[str], list[str]]:
                         "intermediates it sent (Client-Cert, Client-Cert-Chain: base64, 4/3 of their DER size, often "
                         "1-4 KB); API Gateway refuses a request line plus headers over 10240 bytes, so a request the "
                         "certificate pushes past that is refused by the proxy with 431 identity_too_large")
+    names = tls.client_ca_names_size(cfg.server)
+    if names > CA_NAMES_WARN_BYTES:
+        warnings.append(f"server.client_ca: the client CA names sent in every handshake take {names} bytes (over "
+                        f"{CA_NAMES_WARN_BYTES // 1024} KB); Java clients refuse handshake messages over 32768 bytes "
+                        f"by default (jdk.tls.maxHandshakeMessageSize); fewer CAs or server.send_client_ca_names = "
+                        f"false avoid it")
     warnings += _expiry_warnings(rt.facts, cfg.server.crl_warn_days)
     warnings += _crl_coverage(cfg)
     warnings += [f"openssl: fast path {name} {state}" for name, state in

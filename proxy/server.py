@@ -46,7 +46,7 @@ from .transport import Lingerer
 log = logging.getLogger("mtls_proxy")
 
 # Keys a reload can apply; anything else that changed is reported as "restart to apply".
-_RELOADABLE_SERVER = {"cert", "key", "client_ca", "crl"}
+_RELOADABLE_SERVER = {"cert", "key", "client_ca", "crl", "send_client_ca_names", "client_sigalgs"}
 
 
 class ProxyServer:

@@ -164,7 +164,6 @@ def build_server_context(server: ServerConfig) -> tuple[ssl.SSLContext, list[Cer
     except ssl.SSLError as exc:
         raise ConfigError("server.client_ca", f"{server.client_ca}: {exc.reason or exc}") from None
     facts.extend(CertFact(f"client_ca:{_cn(c.subject)}", c.not_valid_after_utc.timestamp()) for c in cas)
-
     if server.crl is not None:
         crl_pem = read_pem(server.crl, "server.crl")
         crls = load_crls(crl_pem, server.crl)
@@ -182,8 +181,30 @@ def build_server_context(server: ServerConfig) -> tuple[ssl.SSLContext, list[Cer
         openssl.set_verify_depth(ctx, server.verify_depth)
     except openssl.Unavailable as exc:
         raise ConfigError("server.verify_depth", f"cannot enforce the chain depth limit: {exc}") from None
+    if server.send_client_ca_names:
+        try:
+            openssl.set_client_ca_names(ctx, [c.public_bytes(serialization.Encoding.DER) for c in cas])
+        except openssl.Unavailable as exc:
+            raise ConfigError("server.send_client_ca_names", f"cannot send the client CA names ({exc}); set it to "
+                                                             f"false to run without them") from None
+    try:
+        openssl.set_client_sigalgs(ctx, server.client_sigalgs)
+    except ValueError as exc:
+        raise ConfigError("server.client_sigalgs", str(exc)) from None
+    except openssl.Unavailable as exc:
+        raise ConfigError("server.client_sigalgs", f"cannot set the client signature algorithms: {exc}") from None
+
     openssl.enable_read_ahead(ctx)
     return ctx, facts
+
+
+def client_ca_names_size(server: ServerConfig) -> int:
+    """Bytes of the certificate_authorities list the CertificateRequest carries (each DER name with its 2-byte
+    length, plus the list's own 2-byte length): 0 when the names are not sent."""
+    if not server.send_client_ca_names:
+        return 0
+    cas = _load_certs(read_pem(server.client_ca, "server.client_ca"), "server.client_ca", server.client_ca)
+    return 2 + sum(2 + len(c.subject.public_bytes()) for c in cas)
 
 
 class _EncryptedKey(Exception):

@@ -295,6 +295,8 @@ ENV_TABLE: list[tuple[str, str, str, Any]] = [
     ("MTLS_PROXY_SERVER_TLS_VERSIONS", '["1.2"]', "server.tls_versions", ("1.2",)),
     ("MTLS_PROXY_SERVER_CIPHERS", "ECDHE+AESGCM", "server.ciphers", "ECDHE+AESGCM"),
     ("MTLS_PROXY_SERVER_VERIFY_DEPTH", "3", "server.verify_depth", 3),
+    ("MTLS_PROXY_SERVER_SEND_CLIENT_CA_NAMES", "false", "server.send_client_ca_names", False),
+    ("MTLS_PROXY_SERVER_CLIENT_SIGALGS", "ECDSA+SHA256", "server.client_sigalgs", "ECDSA+SHA256"),
     ("MTLS_PROXY_SERVER_MAX_BODY_BYTES", " 1024 ", "server.max_body_bytes", 1024),
     ("MTLS_PROXY_SERVER_PROXY_PROTOCOL", "true", "server.proxy_protocol", True),
     ("MTLS_PROXY_SERVER_PROXY_PROTOCOL_TIMEOUT", "1.5", "server.proxy_protocol_timeout", 1.5),

@@ -13,6 +13,7 @@ from __future__ import annotations
 from .loader import load
 from .model import (
     DEFAULT_CIPHERS,
+    DEFAULT_CLIENT_SIGALGS,
     DEFAULTS,
     ENV_PREFIX,
     ENVIRONMENT,
@@ -28,5 +29,5 @@ from .model import (
     replace,
 )
 
-__all__ = ["DEFAULTS", "DEFAULT_CIPHERS", "ENVIRONMENT", "ENV_PREFIX", "Address", "AdminConfig", "AllowRule", "Config",
+__all__ = ["DEFAULTS", "DEFAULT_CIPHERS", "DEFAULT_CLIENT_SIGALGS", "ENVIRONMENT", "ENV_PREFIX", "Address", "AdminConfig", "AllowRule", "Config",
            "IdentityConfig", "LogConfig", "PemSource", "ServerConfig", "UpstreamConfig", "load", "replace"]

@@ -57,7 +57,7 @@ _PEM_KINDS = {_PEM: location.KINDS_FOR_SECRETS, _PEM_PUBLIC: location.KINDS_FOR_
 
 _SERVER_KEYS = {
     "listen": _ADDR, "cert": _PEM, "key": _PEM, "client_ca": _PEM_PUBLIC, "crl": _PEM_CRL, "tls_versions": _LIST,
-    "ciphers": _STR, "verify_depth": _INT, "max_body_bytes": _INT, "proxy_protocol": _BOOL,
+    "ciphers": _STR, "verify_depth": _INT, "send_client_ca_names": _BOOL, "client_sigalgs": _STR, "max_body_bytes": _INT, "proxy_protocol": _BOOL,
     "proxy_protocol_timeout": _FLOAT, "handshake_timeout": _FLOAT, "header_timeout": _FLOAT,
     "idle_timeout": _FLOAT, "max_connections": _INT, "workers": _INT, "shutdown_timeout": _FLOAT,
     "reload_interval": _FLOAT, "crl_warn_days": _FLOAT,

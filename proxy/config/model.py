@@ -25,6 +25,15 @@ DEFAULT_CIPHERS = (
     "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
 )
 
+# Signature algorithms offered for client certificates (the CertificateRequest's signature_algorithms): ECDSA,
+# EdDSA, RSA-PSS and RSA PKCS#1 with SHA-256 or better.  OpenSSL's default list also offers SHA-224, SHA-1 and DSA.
+DEFAULT_CLIENT_SIGALGS = (
+    "ECDSA+SHA256:ECDSA+SHA384:ECDSA+SHA512:ed25519:ed448:"
+    "rsa_pss_pss_sha256:rsa_pss_pss_sha384:rsa_pss_pss_sha512:"
+    "rsa_pss_rsae_sha256:rsa_pss_rsae_sha384:rsa_pss_rsae_sha512:"
+    "RSA+SHA256:RSA+SHA384:RSA+SHA512"
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Address:
@@ -72,6 +81,8 @@ class ServerConfig:
     tls_versions: tuple[str, ...] = ("1.2", "1.3")
     ciphers: str = DEFAULT_CIPHERS
     verify_depth: int = 2
+    send_client_ca_names: bool = True  # the client_ca subjects in the CertificateRequest (clients pick by them)
+    client_sigalgs: str = DEFAULT_CLIENT_SIGALGS
     max_body_bytes: int = 10 * 1024 * 1024
     proxy_protocol: bool = False
     proxy_protocol_timeout: float = 3.0

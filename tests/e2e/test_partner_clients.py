@@ -174,7 +174,7 @@ def test_revoked_certificate_is_refused_in_the_handshake(matrix: Matrix, stack: 
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("order", ["provider_first"])
+@pytest.mark.parametrize("order", ["provider_first", "other_first"])
 def test_java_keystore_with_two_certificates_sends_this_providers(matrix: Matrix, pki: Pki, order: str,
                                                                   mode: str) -> None:
     """SunX509 picks the key entry whose chain the server's CertificateRequest names; the proxy's identity
