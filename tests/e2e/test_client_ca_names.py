@@ -16,6 +16,7 @@ import pytest
 from cryptography import x509
 
 from proxy.check import check
+from tests.certificate_request import SIGNATURE_SCHEMES, CertificateRequest, from_s_client
 from tests.harness import free_port, spawn_proxy, write_config
 from tests.pki import Pki
 
@@ -24,11 +25,20 @@ pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs t
 
 def certificate_request(pki: Pki, port: int, version: str) -> tuple[list[str], list[str]]:
     """(CA names, requested signature algorithms) as ``openssl s_client`` prints them."""
+    return _s_client(pki, port, version)[:2]
+
+
+def on_the_wire(pki: Pki, port: int, version: str) -> CertificateRequest:
+    """The CertificateRequest's bytes as ``openssl s_client -msg`` received them, parsed."""
+    return _s_client(pki, port, version)[2]
+
+
+def _s_client(pki: Pki, port: int, version: str) -> tuple[list[str], list[str], CertificateRequest]:
     client = pki.clients["good"]
     out = subprocess.run(
         ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", f"-tls{version.replace('.', '_')}",
          "-cert", str(client.cert), "-key", str(client.key), "-CAfile", str(pki.server_ca),
-         "-servername", "localhost"],
+         "-servername", "localhost", "-msg"],
         input=b"", capture_output=True, timeout=20).stdout.decode(errors="replace")
     assert "Verify return code: 0" in out, out
     if "No client certificate CA names sent" in out:
@@ -42,7 +52,7 @@ def certificate_request(pki: Pki, port: int, version: str) -> tuple[list[str], l
             names.append(line)
     sigalgs = re.search(r"^Requested Signature Algorithms: (.*)$", out, re.M)
     assert sigalgs, out
-    return names, sigalgs.group(1).split(":")
+    return names, sigalgs.group(1).split(":"), from_s_client(out)
 
 
 def common_names(path: Path) -> list[list[str]]:
@@ -62,6 +72,14 @@ def test_every_client_ca_is_named_and_only_modern_sigalgs_are_offered(tmp_path: 
     assert len(names) == len(expected) >= 2
     for values in expected:  # s_client prints each name in its own format: every attribute value on one line
         assert any(all(v in line for v in values) for line in names), (values, names)
+    proxy = spawn_proxy(write_config(tmp_path / "q.toml", pki, free_port()), tmp_path)
+    try:
+        wire = on_the_wire(pki, proxy.port, version)
+    finally:
+        proxy.stop()
+    bundle = x509.load_pem_x509_certificates(pki.client_ca.read_bytes())
+    assert wire.version == version
+    assert wire.authorities == tuple(c.subject.public_bytes() for c in bundle)  # exactly, in the bundle's order
     weak = [a for a in sigalgs if re.search(r"(sha1|sha224)$|^dsa\+", a, re.I)]
     assert not weak, sigalgs
     assert "ECDSA+SHA256" in sigalgs and any("PSS" in a.upper() for a in sigalgs), sigalgs
@@ -77,6 +95,14 @@ def test_names_can_be_kept_private_and_sigalgs_changed(tmp_path: Path, pki: Pki)
         proxy.stop()
     assert names == []
     assert sigalgs == ["ECDSA+SHA384", "ECDSA+SHA256"]
+    proxy = spawn_proxy(path, tmp_path)
+    try:
+        wire = on_the_wire(pki, proxy.port, "1.3")
+    finally:
+        proxy.stop()
+    assert wire.authorities == ()
+    assert wire.signature_algorithms == (SIGNATURE_SCHEMES["ecdsa_secp384r1_sha384"],
+                                         SIGNATURE_SCHEMES["ecdsa_secp256r1_sha256"])
 
 
 def test_the_names_follow_a_reload_of_client_ca(tmp_path: Path, pki: Pki) -> None:
