@@ -1,7 +1,8 @@
 """Command line: ``serve``, ``check``, ``certs init``, ``demo``.
 
 Owns: argument parsing, turning every expected failure into one line on stderr and a non-zero exit, event-log
-setup (JSON lines on stderr; the access log is stdout), and choosing uvloop when it is installed.
+setup (JSON lines on stderr; the access log is stdout), and choosing the event loop (``serve --loop``: uvloop when
+it is installed, as in production, or asyncio's own loop, which the test suite also runs the process on).
 
 Must not: contain proxy logic; every command calls into the package.
 """
@@ -45,12 +46,20 @@ def setup_logging(level: str = "info") -> None:
     log.propagate = False
 
 
-def _run(coro_factory: object) -> int:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.run(coro_factory())  # type: ignore[operator, no-any-return]
-    return uvloop.run(coro_factory())  # type: ignore[operator, no-any-return]
+LOOPS = ("auto", "uvloop", "asyncio")
+
+
+def _run(coro_factory: object, loop: str = "auto") -> int:
+    """Run the coroutine on the chosen loop: ``auto`` is uvloop when installed, else asyncio."""
+    if loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+            if loop == "uvloop":
+                raise
+        else:
+            return uvloop.run(coro_factory())  # type: ignore[operator, no-any-return]
+    return asyncio.run(coro_factory())  # type: ignore[operator, no-any-return]
 
 
 def _load(path: str | None) -> config_mod.Config | None:
@@ -63,6 +72,9 @@ def _load(path: str | None) -> config_mod.Config | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.loop == "uvloop" and not _has_uvloop():
+        print("error: --loop uvloop: uvloop is not installed", file=sys.stderr)
+        return 1
     # A SIGHUP (reload) that arrives before the event loop installs its handler must not kill the process with
     # the default action: a supervisor forwards SIGHUP to workers that may still be starting.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -73,7 +85,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .runtime import build_runtime
 
     try:
-        build_runtime(cfg)  # fail fast with one line per bad file, before binding anything
+        # Fail fast with one line per bad file, before binding anything; the snapshot built here is the one the
+        # server starts with (reading and parsing every certificate twice would double the start-up work).
+        runtime = build_runtime(cfg)
     except ConfigErrors as exc:
         for err in exc.errors:
             print(f"error: {err}", file=sys.stderr)
@@ -82,14 +96,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     control = os.environ.get(CONTROL_ENV)
     if cfg.server.workers > 1 and control is None:
-        return supervise(cfg)
+        del runtime  # the supervisor serves no TLS: each worker builds and uses its own
+        return supervise(cfg, args.loop)
     from .server import run
 
     try:
-        return _run(lambda: run(cfg, control_fd=int(control) if control else None))
+        return _run(lambda: run(cfg, control_fd=int(control) if control else None, runtime=runtime), args.loop)
     except OSError as exc:
         print(f"error: {_bind_error(cfg, exc)}", file=sys.stderr)
         return 1
+
+
+def _has_uvloop() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return False
+    return True
 
 
 def _bind_error(cfg: config_mod.Config, exc: OSError) -> str:
@@ -154,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the proxy")
     s.add_argument("--config", help="TOML file (optional: MTLS_PROXY_* environment variables alone also work)")
+    s.add_argument("--loop", choices=LOOPS, default="auto",
+                   help="event loop: auto (uvloop when installed, the default), uvloop, or asyncio's own")
     s.set_defaults(func=cmd_serve)
     c = sub.add_parser("check", help="validate the configuration and every file it names")
     c.add_argument("--config")

@@ -14,6 +14,11 @@ upstream fails after the response started, the client connection is reset rather
 body can never look complete; a request is retried only when nothing of it can have been processed (idempotent
 method, no body, a reused connection that returned nothing).
 
+The connection holds its slot under ``max_connections`` (``proxy.slots``) from the hand-over until
+``connection_lost``, which releases it in a ``finally``: the transport always ends in ``connection_lost``, and
+every way this class ends a connection goes through the transport (``_close``, ``abort``).  A graceful close
+with output still buffered is bounded too: a client that stops reading is reset after ``idle_timeout``.
+
 Must not: parse bytes itself (``proxy.http1``), build header values (``proxy.headers``), or dial (``proxy.forward``).
 """
 
@@ -29,6 +34,7 @@ from typing import TYPE_CHECKING
 from . import http1
 from .deadline import Deadline
 from .errors import (
+    BadRequest,
     Forbidden,
     PayloadTooLarge,
     ProxyError,
@@ -45,6 +51,7 @@ if TYPE_CHECKING:
     from .forward import UpstreamConnection
     from .http1 import RequestHead, ResponseHead
     from .server import ProxyServer
+    from .slots import Slot
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -68,9 +75,10 @@ class Peer:
 
 
 class ClientConnection(asyncio.Protocol):
-    def __init__(self, server: ProxyServer, peer: Peer) -> None:
+    def __init__(self, server: ProxyServer, peer: Peer, slot: Slot | None = None) -> None:
         self.srv = server
         self.peer = peer
+        self.slot = slot
         self.loop = server.loop
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.state = _HEAD
@@ -101,6 +109,7 @@ class ClientConnection(asyncio.Protocol):
         self.bytes_in = 0
         self.bytes_out = 0
         self.started = False  # response head written to the client
+        self.sent_up = False  # some of this request was written to an upstream connection
         self.framing = _F_NONE
         self.keep = False
         self.status = 0
@@ -125,23 +134,43 @@ class ClientConnection(asyncio.Protocol):
                 self._update_reading()
 
     def eof_received(self) -> bool:
-        # The client finished sending (close_notify).  An exchange in progress can still deliver its response
-        # only if the transport stays open, which a TLS transport cannot (no half-close): close now.
-        return False
+        """The client's close_notify: it sends nothing more.
+
+        TLS 1.3 closes only the sender's side (RFC 8446 §6.1), so a client may send its request and then
+        close_notify and still read the answer.  A complete request in flight is answered, with
+        ``Connection: close``, and then the connection is closed: nothing after the close_notify is read, and a
+        request pipelined before it is not started.  A request body cut short by it can never complete: the
+        upstream request is aborted and the client told 400.  TLS 1.2 requires the receiver of a close_notify to
+        answer with its own at once and discard pending writes (RFC 5246 §7.2.1): the connection closes now.
+        """
+        if self.state not in (_WAIT, _BODY) or self.req is None or not self._half_close_allowed():
+            return False
+        self.closing = True  # no next request; the response says Connection: close
+        if self.state == _BODY and not self.req_done:
+            self._abort_request(BadRequest("the client closed its sending side before the request body ended"))
+        return True
+
+    def _half_close_allowed(self) -> bool:
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        return ssl_object is not None and ssl_object.version() == "TLSv1.3"
 
     def connection_lost(self, exc: Exception | None) -> None:
         was = self.state
         self.state = _CLOSED
-        self.deadline.cancel()
-        if self.connect_task is not None:
-            self.connect_task.cancel()
-        up = self.up
-        if up is not None:
-            self.up = None
-            up.close()
-        if self.req is not None and was in (_BODY, _WAIT):
-            self._log(499 if not self.started else self.status, "client_closed")
-        self.srv.connection_closed(self)
+        try:
+            self.deadline.cancel()
+            if self.connect_task is not None:
+                self.connect_task.cancel()
+            up = self.up
+            if up is not None:
+                self.up = None
+                up.close()
+            if self.req is not None and was in (_BODY, _WAIT):
+                self._log(499 if not self.started else self.status, "client_closed")
+        finally:
+            self.srv.connection_closed(self)
+            if self.slot is not None:
+                self.slot.release()  # may be the last slot a drain waits for
 
     def pause_writing(self) -> None:
         # The client is slower than the upstream: stop reading the upstream, bound the wait.
@@ -204,33 +233,64 @@ class ClientConnection(asyncio.Protocol):
         if srv.base_path:
             target = srv.base_path + target
         head_out = request_head(req.method, target, req.fields, self.peer.block, req.chunked)
+        after: bytes | None = None  # the bytes behind a body that is complete in ``rest``
         if req.has_body:
             self.state = _BODY
+            body = b""
             if req.chunked:
                 self.decoder = http1.ChunkedDecoder()
+                if rest:
+                    # Every framing byte already here is decoded before anything goes upstream: a request whose
+                    # chunked framing is already known to be broken (or too large) is answered and never
+                    # forwarded -- the upstream sees no request at all.  The decoded result is what is sent.
+                    try:
+                        body, after, n = self._decode(rest)
+                    except ProxyError as exc:
+                        self._refuse(exc, close=True)
+                        return
+                    self.bytes_in = n
             else:
-                self.body_left = req.content_length or 0
+                left = req.content_length or 0
+                if rest:
+                    body, rest = (rest, b"") if len(rest) <= left else (rest[:left], rest[left:])
+                    left -= len(body)
+                    self.bytes_in = len(body)
+                self.body_left = left
+                if left == 0:
+                    after = rest
+            rest = b""
+            out = head_out + body if body else head_out
             self.deadline.set(cfg.server.idle_timeout)
         else:
             self.state = _WAIT
             self.req_done = True
-            self.head_out = head_out  # kept for a retry on a stale pooled connection
+            self.head_out = out = head_out  # kept for a retry on a stale pooled connection
             self.deadline.clear()
         if req.expect_continue:
             self.transport.write(CONTINUE)
         up = srv.pool.acquire_idle()
         if up is not None:
-            self._bind(up, head_out)
+            self._bind(up, out)  # head and the body in hand: one write upstream
         else:
-            self.pending = [head_out]
+            self.pending = [out]
+            self.pending_size = len(out) - len(head_out)
             self.connect_task = self.loop.create_task(self._connect())
-        if rest:
-            if self.state == _BODY:
-                self._body(rest)
-            else:
-                self.data_received(rest)
+        if after is not None:
+            self._body_done(after)
+        elif rest:
+            self.data_received(rest)  # a pipelined next request (waits in self.buf)
 
     async def _connect(self) -> None:
+        try:
+            await self._dial_and_bind()
+        except Exception as exc:  # a bug must end this connection, not leave it waiting without a deadline
+            log.error("connection failed: unexpected error while connecting upstream", exc_info=exc)
+            self.connect_task = None
+            if self.state != _CLOSED:
+                self.state = _CLOSED
+                self._abort_both()
+
+    async def _dial_and_bind(self) -> None:
         try:
             up = await self.srv.pool.connect()
         except asyncio.CancelledError:
@@ -258,6 +318,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _bind(self, up: UpstreamConnection, data: bytes) -> None:
         self.up = up
+        self.sent_up = True
         self.t_up = perf_counter()
         assert self.req is not None
         up.begin(self, self.req.method == "HEAD", data)
@@ -279,24 +340,32 @@ class ClientConnection(asyncio.Protocol):
                 self._body_done(rest)
             return
         try:
-            pieces, rest2 = dec.feed(data)
+            out, rest2, n = self._decode(data)
         except ProxyError as exc:
-            self._abort_request(exc)
+            self._abort_request(exc)  # a later error in a streamed body: the upstream request is cut
             return
-        if dec.total > self.srv.cfg.server.max_body_bytes:
-            self._abort_request(PayloadTooLarge(
-                f"request body larger than {self.srv.cfg.server.max_body_bytes} bytes"))
-            return
-        out: list[bytes] = []
-        for p in pieces:
-            self.bytes_in += len(p)
-            out += http1.chunk(p)
-        if rest2 is not None:
-            out.append(http1.LAST_CHUNK)
+        self.bytes_in += n
         if out:
-            self._send_up(b"".join(out))
+            self._send_up(out)
         if rest2 is not None:
             self._body_done(rest2)
+
+    def _decode(self, data: bytes) -> tuple[bytes, bytes | None, int]:
+        """Chunked body bytes re-framed for the upstream, the bytes after the body (None: more body to come) and
+        the body bytes they carry.  Raises BadRequest (malformed framing) or PayloadTooLarge."""
+        dec = self.decoder
+        assert dec is not None
+        pieces, rest = dec.feed(data)
+        if dec.total > self.srv.cfg.server.max_body_bytes:  # declared sizes count before their data arrives
+            raise PayloadTooLarge(f"request body larger than {self.srv.cfg.server.max_body_bytes} bytes")
+        out: list[bytes] = []
+        n = 0
+        for p in pieces:
+            n += len(p)
+            out += http1.chunk(p)
+        if rest is not None:
+            out.append(http1.LAST_CHUNK)
+        return b"".join(out), rest, n
 
     def _body_done(self, rest: bytes) -> None:
         self.req_done = True
@@ -473,9 +542,7 @@ class ClientConnection(asyncio.Protocol):
         self.bytes_out = body  # the access log counts the error body the client got, like any other body
         self._log(exc.status, exc.code)
         if close:
-            self.state = _CLOSED
-            self.deadline.cancel()
-            self.transport.close(linger=True)  # type: ignore[call-arg]  # TLSTransport: see Lingerer
+            self._close(linger=True)
         else:
             self.keep = True
             self.req_done = True
@@ -486,9 +553,7 @@ class ClientConnection(asyncio.Protocol):
         if self.state == _CLOSED:
             return
         if not self.keep or self.closing or self.srv.draining or not self.req_done:
-            self.state = _CLOSED
-            self.deadline.cancel()
-            self.transport.close()
+            self._close()
             return
         rest = self.buf
         self.buf = b""
@@ -509,17 +574,39 @@ class ClientConnection(asyncio.Protocol):
         upstream = (self.t_up_end or now) - self.t_up if self.t_up is not None else None
         method = req.method if req is not None else "-"
         srv.metrics.request(method, status, self.rule, duration, upstream)
+        # upstream_aborted: part of this request went upstream and that upstream request was cut before the
+        # request was complete (a bad chunk or too much body later in the stream, a stalled or vanished client)
         srv.access_log.write(self.peer.log_prefix, self.rule, method, req.target if req is not None else b"-",
-                             status, self.bytes_in, self.bytes_out, duration, upstream, error)
+                             status, self.bytes_in, self.bytes_out, duration, upstream, error,
+                             not self.req_done and self.sent_up)
+
+    def _close(self, linger: bool = False) -> None:
+        """Close gracefully: buffered output, then close_notify.  A client that does not read that output within
+        ``idle_timeout`` is reset (``_on_timeout``), so a close can never hold the slot for good."""
+        self.state = _CLOSED
+        self.deadline.set(self.srv.cfg.server.idle_timeout)  # cancelled by connection_lost
+        if linger:
+            self.transport.close(linger=True)  # type: ignore[call-arg]  # TLSTransport: see Lingerer
+        else:
+            self.transport.close()
 
     # -- timeouts, flow control, drain -------------------------------------------------------------------
     def _on_timeout(self) -> None:
-        if self.state == _HEAD:
+        try:
+            self._timed_out()
+        except Exception as exc:  # a bug must not leave the connection (and its slot) without a deadline
+            log.error("connection failed: unexpected error in a timeout", exc_info=exc)
+            self.state = _CLOSED
+            self._abort_both()
+
+    def _timed_out(self) -> None:
+        if self.state == _CLOSED:
+            self.transport.abort()  # closed, but the client has not read the rest for idle_timeout
+        elif self.state == _HEAD:
             if self.buf.strip(b"\r\n"):
                 self._refuse(RequestTimeout("request head not complete within server.header_timeout"), True)
             else:
-                self.state = _CLOSED
-                self.transport.close()  # idle keep-alive connection
+                self._close()  # idle keep-alive connection
         elif self.state == _BODY and not self.started:
             self._abort_request(RequestTimeout("request body stalled longer than server.idle_timeout"))
         elif self.state != _CLOSED:
@@ -541,9 +628,7 @@ class ClientConnection(asyncio.Protocol):
         """Drain: close now if idle, else let the current exchange finish with ``Connection: close``."""
         self.closing = True
         if self.state == _HEAD and not self.buf:
-            self.state = _CLOSED
-            self.deadline.cancel()
-            self.transport.close()
+            self._close()
 
     def abort(self) -> None:
         if self.state != _CLOSED:

@@ -1,10 +1,15 @@
 """Accepting client connections: limits, the PROXY v2 header, the TLS handshake, then the connection.
 
-Owns: the accept loop on the listening socket, ``max_connections`` (excess connections are reset at once and
-counted), reading exactly the PROXY protocol v2 header (16 bytes, then exactly the announced length — never a
+Owns: the accept loop on the listening socket, ``max_connections`` (a slot from ``proxy.slots`` per accepted
+socket; beyond the limit a connection is reset at once and counted), reading exactly the PROXY protocol v2 header (16 bytes, then exactly the announced length — never a
 byte of the ClientHello behind it) within ``proxy_protocol_timeout``, the TLS handshake within
 ``handshake_timeout`` on the snapshot current at accept time, counting and logging handshake failures by
-OpenSSL's reason, and handing the verified connection to ``ClientConnection``.
+OpenSSL's reason, and handing the verified connection (and its slot) to ``ClientConnection``.
+
+Every accepted socket ends in ``Incoming._close`` -- which releases its slot -- until the hand-over; after it the
+TLS transport and the connection own both.  An unexpected exception while one connection is set up or
+handshaking is logged once with its traceback and ends that connection (reset, slot released); it never escapes
+into the accept loop, where it would drop the rest of the accept batch and leak the slot.
 
 Must not: parse the PROXY header itself (``proxy.proxy_protocol``) or HTTP.
 """
@@ -21,6 +26,7 @@ from typing import TYPE_CHECKING
 from . import proxy_protocol as pp
 from .connection import ClientConnection
 from .identity import IdentityError
+from .slots import Slot
 from .tls import handshake_failure_detail, handshake_failure_reason
 from .transport import TLSTransport, abort_socket
 
@@ -66,7 +72,7 @@ class Listener:
 
     def _accept(self) -> None:
         srv = self.srv
-        limit = srv.cfg.server.max_connections
+        slots = srv.slots
         for _ in range(ACCEPT_BATCH):
             try:
                 conn, addr = self.sock.accept()
@@ -83,13 +89,16 @@ class Listener:
                     continue  # the client gave up while queued
                 raise
             srv.metrics.connections_total += 1
-            if srv.active >= limit:
+            slot = slots.take()
+            if slot is None:
                 srv.metrics.connections_rejected += 1
                 abort_socket(conn)
                 continue
-            srv.active += 1
-            srv.metrics.connections_active = srv.active
-            Incoming(self, conn, addr[0])
+            inc = Incoming(self, conn, addr[0], slot)
+            try:
+                inc.start()
+            except Exception as exc:  # a bug must cost one connection, never the accept loop or a slot
+                inc.unexpected("connection setup failed", exc)
 
     def _resume(self) -> None:
         self._paused = None
@@ -106,7 +115,10 @@ class Listener:
                 pass
         self.sock.close()
         for inc in list(self.incoming):
-            inc.abort()
+            try:
+                inc.abort()
+            except Exception as exc:
+                inc.unexpected("connection abort failed", exc)
 
 
 class Incoming:
@@ -120,31 +132,37 @@ class Incoming:
     """
 
     __slots__ = ("lst", "srv", "loop", "sock", "fd", "peer_addr", "client_addr", "vpce_id", "local", "buf", "need",
-                 "tls", "timer", "writer", "done", "rt")
+                 "tls", "timer", "writer", "done", "rt", "slot")
 
-    def __init__(self, lst: Listener, conn: socket.socket, peer_addr: str) -> None:
+    def __init__(self, lst: Listener, conn: socket.socket, peer_addr: str, slot: Slot) -> None:
+        # Only attribute assignments: every state _close() may see is set before anything can fail.
         self.lst = lst
         self.srv = lst.srv
         self.loop = lst.srv.loop
         self.sock: socket.socket = conn
         self.fd = conn.fileno()
+        self.slot = slot
         self.peer_addr = self.client_addr = peer_addr
         self.vpce_id: str | None = None
         self.local = False
         self.buf = b""
         self.need = 0
         self.tls = False
+        self.timer: asyncio.TimerHandle | None = None
         self.writer = False
         self.done = False
+        self.rt = None
+
+    def start(self) -> None:
         cfg = self.srv.cfg.server
+        conn = self.sock
         try:
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
-            self.timer = None
-            self._close(reset=True)
+            self._close(reset=True)  # the peer is already gone
             return
-        lst.incoming.add(self)
+        self.lst.incoming.add(self)
         if cfg.proxy_protocol:
             self.need = pp.PREFIX_LEN
             self.timer = self.loop.call_later(cfg.proxy_protocol_timeout, self._timeout)
@@ -158,31 +176,42 @@ class Incoming:
     def _step(self) -> None:
         if self.done:
             return
-        if self.tls:
-            self._handshake()
-            return
         try:
-            chunk = self.sock.recv(self.need - len(self.buf))  # never more than the header: TLS bytes stay queued
-        except BlockingIOError:
-            return
-        except OSError:
-            self._close(reset=True)
-            return
-        if not chunk:
-            self._proxy_error(pp.ProxyProtocolError("truncated", "connection closed inside the PROXY header"))
-            return
-        self.buf += chunk
-        if len(self.buf) < self.need:
-            return
-        try:
-            if self.need == pp.PREFIX_LEN:
-                self.need += pp.remaining_length(self.buf)
-                if len(self.buf) < self.need:
-                    return
-            info = pp.parse(self.buf)
-        except pp.ProxyProtocolError as exc:
-            self._proxy_error(exc)
-            return
+            if self.tls:
+                self._handshake()
+            else:
+                self._read_header()
+        except Exception as exc:
+            self.unexpected("connection setup failed", exc)
+
+    def _read_header(self) -> None:
+        # Read on until the socket has nothing more (EAGAIN), not once per callback: uvloop (libuv) answers
+        # EPOLLERR -- a reset right behind the bytes -- by running this callback once and then dropping the
+        # watcher, so a reset not read now would leave the socket (and its slot) waiting for proxy_protocol_timeout.
+        while True:
+            try:
+                chunk = self.sock.recv(self.need - len(self.buf))  # never past the header: TLS bytes stay queued
+            except BlockingIOError:
+                return
+            except OSError:
+                self._close(reset=True)
+                return
+            if not chunk:
+                self._proxy_error(pp.ProxyProtocolError("truncated", "connection closed inside the PROXY header"))
+                return
+            self.buf += chunk
+            if len(self.buf) < self.need:
+                continue
+            try:
+                if self.need == pp.PREFIX_LEN:
+                    self.need += pp.remaining_length(self.buf)
+                    if len(self.buf) < self.need:
+                        continue
+                info = pp.parse(self.buf)
+            except pp.ProxyProtocolError as exc:
+                self._proxy_error(exc)
+                return
+            break
         self.local = info.local
         if info.src_addr is not None:
             self.client_addr = info.src_addr
@@ -206,9 +235,21 @@ class Incoming:
         self.tls = True
         rt = srv.runtime  # the snapshot current at accept time: a reload swaps it for later connections
         try:
+            # A peer that reset before TLS starts leaves a socket that is no longer connected (ENOTCONN).
+            # wrap_socket would detach the descriptor into the SSLSocket it builds, probe it with recv(1), get
+            # ECONNRESET and raise -- leaving that descriptor owned by an object only the exception references.
+            # Seen here first, it is an ordinary reset: closed at once, its slot released.
+            self.sock.getpeername()
+        except OSError:
+            self._close(reset=True)
+            return
+        try:
             self.sock = rt.server_context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False,
                                                       suppress_ragged_eofs=False)
         except OSError:
+            # The reset came between the check above and wrap_socket's own: our socket object is detached (closing
+            # it is a no-op) and the half-built SSLSocket closes the descriptor when this exception is freed, at
+            # the end of this block -- after _close has unregistered it from the loop.
             self._close(reset=True)
             return
         self.rt = rt
@@ -236,6 +277,12 @@ class Incoming:
     def _timeout(self) -> None:
         if self.done:
             return
+        try:
+            self._timed_out()
+        except Exception as exc:
+            self.unexpected("connection setup failed", exc)
+
+    def _timed_out(self) -> None:
         if not self.tls:
             self._proxy_error(pp.ProxyProtocolError(
                 "truncated", "PROXY header not complete within proxy_protocol_timeout"))
@@ -269,9 +316,12 @@ class Incoming:
                                                                          "error": str(exc)}})
             self._close(reset=True)
             return
+        proto = ClientConnection(srv, peer, self.slot)
+        transport = TLSTransport(self.loop, sock, proto, lingerer=srv.lingerer)
+        # From here the transport owns the socket and the connection owns the slot: the transport always ends in
+        # connection_lost, which releases it.  start() takes over the reader callback and never raises.
         self._finish_handshake()
-        proto = ClientConnection(srv, peer)
-        TLSTransport(self.loop, sock, proto, lingerer=srv.lingerer).start()  # takes over the reader callback
+        transport.start()
 
     # -- endings ---------------------------------------------------------------------------------------------
     def _finish_handshake(self) -> None:
@@ -284,20 +334,33 @@ class Incoming:
             self.loop.remove_writer(self.fd)
 
     def _close(self, reset: bool, linger: bool = False) -> None:
+        """The one end of a connection that never reached ``ClientConnection``: socket closed, slot released."""
         if self.done:
             return
-        self._finish_handshake()
         try:
-            self.loop.remove_reader(self.fd)
-        except (OSError, ValueError):
-            pass
-        if linger:
-            self.srv.lingerer.start(self.sock)
-        elif reset:
-            abort_socket(self.sock)
-        else:
-            self.sock.close()
-        self.srv.slot_released()  # may be the last socket a drain waits for
+            self._finish_handshake()
+            try:
+                self.loop.remove_reader(self.fd)
+            except (OSError, ValueError):
+                pass
+            if linger:
+                self.srv.lingerer.start(self.sock)
+            elif reset:
+                abort_socket(self.sock)
+            else:
+                self.sock.close()
+        finally:
+            self.slot.release()  # may be the last slot a drain waits for
 
     def abort(self) -> None:
         self._close(reset=True)
+
+    def unexpected(self, what: str, exc: BaseException) -> None:
+        """A bug while this connection was set up: log it once, reset the connection, give its slot back."""
+        log.error(what, exc_info=exc, extra={"fields": {"client": self.client_addr}})
+        if self.done:
+            return  # already handed over or closed: its owner ends it
+        try:
+            self._close(reset=True)  # releases the slot even when closing fails (its finally)
+        except Exception as again:
+            log.error("connection close failed", exc_info=again, extra={"fields": {"client": self.client_addr}})

@@ -73,6 +73,7 @@ class Metrics:
         self.connections_total = 0
         self.connections_active = 0
         self.connections_rejected = 0
+        self.log_lines_dropped = 0  # access-log lines the output could not take (proxy.accesslog)
         self.cert_expiry: dict[str, float] = {}
         self.request_duration = Histogram()
         self.upstream_duration = Histogram()
@@ -100,6 +101,7 @@ class Metrics:
             "connections_total": self.connections_total,
             "connections_active": self.connections_active,
             "connections_rejected": self.connections_rejected,
+            "log_lines_dropped": self.log_lines_dropped,
             "cert_expiry": dict(self.cert_expiry),
             "request_duration": _hist_snapshot(self.request_duration),
             "upstream_duration": _hist_snapshot(self.upstream_duration),
@@ -120,7 +122,7 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
         for key in ("denied", "upstream_errors", "handshake_failures", "reloads", "proxy_protocol_errors"):
             for k, v in snap[key].items():
                 out[key][k] = out[key].get(k, 0) + v
-        for key in ("connections_total", "connections_active", "connections_rejected"):
+        for key in ("connections_total", "connections_active", "connections_rejected", "log_lines_dropped"):
             out[key] += snap[key]
         for k, v in snap["cert_expiry"].items():
             out["cert_expiry"][k] = min(v, out["cert_expiry"].get(k, v))
@@ -159,6 +161,9 @@ def families(snap: Snapshot) -> Iterator[Metric]:
                               value=snap["connections_total"])
     yield CounterMetricFamily("mtls_proxy_connections_rejected", "Connections closed at once: max_connections.",
                               value=snap["connections_rejected"])
+    yield CounterMetricFamily("mtls_proxy_log_lines_dropped",
+                              "Access-log lines dropped because the output (stdout) did not take them in time.",
+                              value=snap["log_lines_dropped"])
     yield _labelled(GaugeMetricFamily, "mtls_proxy_cert_expiry_timestamp_seconds",
                     "Expiry (notAfter; for a CRL its nextUpdate) of the loaded server cert, client CAs and CRLs.",
                     "cert", snap["cert_expiry"])

@@ -35,6 +35,7 @@ from .forward import UpstreamPool
 from .listener import Listener, bind
 from .metrics import Metrics
 from .runtime import Runtime, build_runtime
+from .slots import ConnectionSlots
 from .supervisor import WorkerControl
 from .transport import Lingerer
 
@@ -54,14 +55,14 @@ class ProxyServer:
         self.access_log: AccessLog = None  # type: ignore[assignment]
         self.lingerer: Lingerer = None  # type: ignore[assignment]
         self.connections: set[ClientConnection] = set()
-        self.active = 0  # accepted sockets not yet closed, including those still handshaking
+        # accepted sockets not yet closed, including those still handshaking: the one count of them
+        self.slots = ConnectionSlots(cfg.server.max_connections, self.metrics)
         self.draining = False
         self.ready = False
         self.base_path = cfg.upstream.base_path.encode("ascii")
         self._access_fd = access_fd if cfg.log.access else None
         self._listener: Listener | None = None
         self._stamps: dict[Path, tuple[int, int, int] | None] = {}
-        self._idle = asyncio.Event()
         self.address: tuple[str, int] | None = None
 
     async def start(self, sock: socket.socket | None = None, runtime: Runtime | None = None) -> None:
@@ -71,8 +72,8 @@ class ProxyServer:
         self._publish_facts(self.runtime)
         self._stamps = _stamp_all(self.cfg.watched_files)
         self.pool = UpstreamPool(self.loop, self.cfg.upstream, self.runtime.upstream_context)
-        self.access_log = AccessLog(self.loop, self._access_fd)
-        self.lingerer = Lingerer(self.loop)
+        self.access_log = AccessLog(self.loop, self._access_fd, self.metrics)
+        self.lingerer = Lingerer(self.loop, limit=self.cfg.server.max_connections)
         listen = self.cfg.server.listen
         if sock is None:
             sock = bind(listen.host, listen.port, reuse_port=self.cfg.server.workers > 1)
@@ -81,22 +82,18 @@ class ProxyServer:
         self._listener.start()
         self.ready = True
         log.info("listening", extra={"fields": {"address": f"{self.address[0]}:{self.address[1]}",
-                                                "upstream": self.cfg.upstream.url}})
+                                                "upstream": self.cfg.upstream.url, "loop": _loop_name(self.loop)}})
 
-    # -- connection bookkeeping (called by ClientConnection) ----------------------------------------------
+    @property
+    def active(self) -> int:
+        return self.slots.active
+
+    # -- connection bookkeeping (called by ClientConnection; its slot is its own) -------------------------
     def connection_opened(self, conn: ClientConnection) -> None:
         self.connections.add(conn)
 
     def connection_closed(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
-        self.slot_released()
-
-    def slot_released(self) -> None:
-        """An accepted socket is gone, before (listener) or after (connection) TLS; the last one ends a drain."""
-        self.active -= 1
-        self.metrics.connections_active = self.active
-        if self.draining and self.active <= 0:
-            self._idle.set()
 
     # -- reload ------------------------------------------------------------------------------------------
     def files_changed(self) -> bool:
@@ -147,17 +144,19 @@ class ProxyServer:
             self._listener.close()
         for conn in list(self.connections):
             conn.shutdown()
-        if self.active > 0:
-            try:
-                await asyncio.wait_for(self._idle.wait(), timeout)
-            except TimeoutError:
-                log.warning("drain timeout: resetting %d connections", len(self.connections))
+        if not await self.slots.wait_empty(timeout):
+            log.warning("drain timeout: resetting %d connections", len(self.connections))
         for conn in list(self.connections):
             conn.abort()
         self.pool.close()
         await asyncio.sleep(0)  # let connection_lost callbacks run
         self.lingerer.close_all()
         self.access_log.close()
+
+
+def _loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    """"uvloop" or "asyncio": which event loop this process really runs on (``serve --loop``)."""
+    return "uvloop" if type(loop).__module__.split(".")[0] == "uvloop" else "asyncio"
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:
@@ -184,11 +183,12 @@ def _unreloadable_changes(old: Config, new: Config) -> list[str]:
     return changed
 
 
-async def run(cfg: Config, *, control_fd: int | None = None) -> int:
+async def run(cfg: Config, *, control_fd: int | None = None, runtime: Runtime | None = None) -> int:
     """The whole life of one proxy process.  Returns the exit status.
 
     With ``control_fd`` this is a worker of ``proxy.supervisor``: no admin port of its own, its state is
-    reported over the control socket instead.
+    reported over the control socket instead.  ``runtime``: the snapshot the command line already built (and
+    checked) from ``cfg``; without it one is built here.
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -204,7 +204,7 @@ async def run(cfg: Config, *, control_fd: int | None = None) -> int:
         control = WorkerControl(control_fd, lambda: {"ready": server.ready, "metrics": server.metrics.snapshot()})
         control.start(loop)
     try:
-        await server.start()
+        await server.start(runtime=runtime)
     except BaseException:
         if admin is not None:
             await admin.stop()

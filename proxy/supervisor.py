@@ -1,7 +1,8 @@
 """``server.workers = N``: N worker processes sharing the TLS port, one admin endpoint for all of them.
 
 Owns: starting the workers (each is ``python -m proxy serve`` with the same config, binding the port with
-SO_REUSEPORT so the kernel spreads connections), restarting a worker that dies (with a short backoff), passing
+SO_REUSEPORT so the kernel spreads connections), restarting a worker that dies (``Backoff``: 0.2 s doubling to
+5 s while it keeps dying, back to 0.2 s once a worker had run ``STABLE_AFTER`` seconds), passing
 SIGTERM/SIGINT (drain) and SIGHUP (reload) on to every worker, and the admin port: ``/readyz`` is 200 only while
 every worker reports ready and no drain has started; ``/metrics`` adds up the workers' snapshots.
 
@@ -30,6 +31,28 @@ from .listener import bind
 log = logging.getLogger("mtls_proxy")
 CONTROL_ENV = "MTLS_WORKER_CONTROL_FD"
 _LEN = struct.Struct("!I")
+BACKOFF_FIRST = 0.2  # seconds before the first restart after a worker died
+BACKOFF_MAX = 5.0
+# A worker that ran this long had started well: a crash after that is an incident to recover from at once, not
+# part of a crash loop (a worker with a broken start dies within a second or two).  Six times the longest backoff,
+# so a loop of crashes is never mistaken for a worker that ran well.
+STABLE_AFTER = 30.0
+
+
+class Backoff:
+    """The delay before restarting a worker: doubling while it keeps dying, from the start once it ran well."""
+
+    __slots__ = ("failures",)
+
+    def __init__(self) -> None:
+        self.failures = 0  # deaths in a row, each within STABLE_AFTER seconds of its start
+
+    def next_delay(self, uptime: float) -> float:
+        """Seconds to wait before restarting a worker that died after running ``uptime`` seconds."""
+        if uptime >= STABLE_AFTER:
+            self.failures = 0
+        self.failures += 1
+        return min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** min(self.failures - 1, 16))
 
 
 class Worker:
@@ -38,9 +61,12 @@ class Worker:
         self.proc: asyncio.subprocess.Process | None = None
         self.control: socket.socket | None = None
         self.last: dict[str, Any] = {"ready": False, "metrics": None}
-        self.restarts = 0
+        self.restarts = 0  # in the life of the supervisor (for the log)
+        self.backoff = Backoff()
+        self.started_at = 0.0  # loop time of the last start
 
     async def start(self, argv: list[str], env_extra: dict[str, str]) -> None:
+        self.started_at = asyncio.get_running_loop().time()
         parent, child = socket.socketpair()
         env = {**os.environ, **env_extra, CONTROL_ENV: str(child.fileno())}
         self.proc = await asyncio.create_subprocess_exec(*argv, env=env, pass_fds=(child.fileno(),))
@@ -184,9 +210,12 @@ async def _supervise(cfg: Config, argv: list[str]) -> int:
             if stopping:
                 return
             w.restarts += 1
-            log.error("worker exited; restarting", extra={"fields": {"worker": w.index, "status": code,
-                                                                    "restarts": w.restarts}})
-            await asyncio.sleep(min(5.0, 0.1 * 2 ** min(w.restarts, 6)))
+            uptime = loop.time() - w.started_at
+            delay = w.backoff.next_delay(uptime)
+            log.error("worker exited; restarting", extra={"fields": {
+                "worker": w.index, "status": code, "restarts": w.restarts, "uptime_s": round(uptime, 1),
+                "delay_s": delay}})
+            await asyncio.sleep(delay)
             if stopping:
                 return
             await w.start(argv, env_extra)
@@ -211,13 +240,16 @@ def _fmt(addr: tuple[str, int]) -> str:
     return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
 
 
-def supervise(cfg: Config) -> int:
-    argv = [sys.executable, "-m", "proxy", "serve"]
+def supervise(cfg: Config, loop: str = "auto") -> int:
+    """Run the supervisor (on the event loop ``loop`` names, as ``serve --loop``; its workers get the same)."""
+    argv = [sys.executable, "-m", "proxy", "serve", "--loop", loop]
     if cfg.source not in ("<environment>", "<defaults>"):
         argv += ["--config", cfg.source]
-    try:
-        import uvloop
-
-        return uvloop.run(_supervise(cfg, argv))
-    except ImportError:  # pragma: no cover
-        return asyncio.run(_supervise(cfg, argv))
+    if loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover
+            pass
+        else:
+            return uvloop.run(_supervise(cfg, argv))
+    return asyncio.run(_supervise(cfg, argv))

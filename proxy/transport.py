@@ -12,12 +12,18 @@ a plain socket.  (3) It does less work per record: one ``SSL_read``/``SSL_write`
 copying every record through two memory BIOs.  (4) ``suppress_ragged_eofs=False`` lets the upstream leg tell a
 clean close_notify from a truncating TCP FIN.
 
+Like asyncio's own transports, an exception raised by a protocol callback (a bug) is logged once with its
+traceback and ends that connection with a reset; the protocol still gets ``connection_lost``, which is where a
+client connection gives back its slot.  ``start()`` never raises: once the protocol has been told
+``connection_made``, ``connection_lost`` always follows.
+
 Must not: parse HTTP or know about the proxy; protocols see the plain asyncio Transport/Protocol interface.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
 import struct
@@ -26,6 +32,7 @@ from typing import Any
 
 from .tls import pending_function
 
+log = logging.getLogger("mtls_proxy")
 _WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 # One TLS record carries at most 16 KiB of plaintext, and SSL_read returns at most one record.  Asking for much
 # more only costs: the C layer allocates the full size and shrinks it, and a 256 KiB request crosses glibc's
@@ -89,19 +96,27 @@ class Lingerer:
     Closing a socket with unread input makes the kernel send a reset, which can destroy the error response
     before the client reads it.  So: close_notify, shut down our sending side, discard what still arrives for up
     to ``timeout`` seconds or ``budget`` bytes, then close.
+
+    A lingering socket no longer holds a connection slot, so at most ``limit`` linger at once (the server passes
+    ``max_connections``): beyond that a refused connection is reset at once, and a flood of refused handshakes
+    cannot hold more descriptors than the connections the proxy admits.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float = LINGER_TIMEOUT,
-                 budget: int = 16 * 1024 * 1024) -> None:
+                 budget: int = 16 * 1024 * 1024, limit: int = 10_000) -> None:
         self._loop = loop
         self._timeout = timeout
         self._budget = budget
+        self._limit = limit
         self._open: dict[int, tuple[socket.socket, asyncio.TimerHandle]] = {}
 
     def __len__(self) -> int:
         return len(self._open)
 
     def start(self, sock: socket.socket) -> None:
+        if len(self._open) >= self._limit:
+            abort_socket(sock)
+            return
         raw = socket.socket(fileno=sock.detach())
         fd = raw.fileno()
         try:
@@ -145,7 +160,7 @@ class TLSTransport(asyncio.Transport):
 
     __slots__ = ("_loop", "_sock", "_fd", "_protocol", "_wbuf", "_wsize", "_high", "_low", "_closing",
                  "_closed", "_reading", "_writer_on", "_read_wants_write", "_protocol_paused", "_peer", "_recv",
-                 "_send", "_pending", "_lingerer", "_linger")
+                 "_send", "_pending", "_lingerer", "_linger", "_at_eof")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, protocol: asyncio.Protocol,
                  extra: dict[str, Any] | None = None, lingerer: Lingerer | None = None) -> None:
@@ -166,6 +181,7 @@ class TLSTransport(asyncio.Transport):
         self._writer_on = False
         self._read_wants_write = False
         self._protocol_paused = False
+        self._at_eof = False  # the peer's close_notify was read: it sends nothing more, reading never resumes
         # The C-level TLS object behind the SSLSocket: SSLSocket.recv/send/pending only add Python-level checks
         # that cannot fail here (no flags; suppress_ragged_eofs is False), and this is the per-record hot path.
         tls = getattr(sock, "_sslobj", None)
@@ -179,15 +195,19 @@ class TLSTransport(asyncio.Transport):
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Hand the connection to the protocol and start reading."""
-        self._protocol.connection_made(self)
-        if not self._closing and not self._closed:
-            self._reading = True
-            self._loop.add_reader(self._fd, self._read_ready)
-            # One read attempt now, not only when OpenSSL holds decrypted bytes: the handshake may have been driven
-            # by the callback uvloop runs once for EPOLLERR before dropping the watcher (see _read_ready), and a
-            # reset that came with the client's Finished must not leave the connection waiting for idle_timeout.
-            self._loop.call_soon(self._read_ready)
+        """Hand the connection to the protocol and start reading.  Never raises (see the module docstring)."""
+        try:
+            self._protocol.connection_made(self)
+            if not self._closing and not self._closed:
+                self._reading = True
+                self._loop.add_reader(self._fd, self._read_ready)
+                # One read attempt now, not only when OpenSSL holds decrypted bytes: the handshake may have been
+                # driven by the callback uvloop runs once for EPOLLERR before dropping the watcher (see
+                # _read_ready), and a reset that came with the client's Finished must not leave the connection
+                # waiting for idle_timeout.
+                self._loop.call_soon(self._read_ready)
+        except Exception as exc:
+            self._protocol_failed("connection_made", exc)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "ssl_object":
@@ -259,6 +279,10 @@ class TLSTransport(asyncio.Transport):
         self._wbuf.clear()
         self._finish(exc, reset=True)
 
+    def _protocol_failed(self, callback: str, exc: Exception) -> None:
+        log.error("connection failed: unexpected error in %s", callback, exc_info=exc)
+        self._fatal(exc)
+
     # -- reading -----------------------------------------------------------------------------------------------
     def is_reading(self) -> bool:
         return self._reading
@@ -268,7 +292,7 @@ class TLSTransport(asyncio.Transport):
             self._stop_reading()
 
     def resume_reading(self) -> None:
-        if self._reading or self._closing or self._closed:
+        if self._reading or self._closing or self._closed or self._at_eof:
             return
         self._reading = True
         if not self._read_wants_write:
@@ -302,7 +326,11 @@ class TLSTransport(asyncio.Transport):
             if not data:
                 self._eof()
                 return
-            self._protocol.data_received(data)
+            try:
+                self._protocol.data_received(data)
+            except Exception as exc:
+                self._protocol_failed("data_received", exc)
+                return
             total += len(data)
             # No early return after a small message: read on until WantRead.  uvloop (libuv) answers EPOLLERR -- a
             # peer's reset arriving with or right behind the data -- by running this callback once and then
@@ -314,8 +342,14 @@ class TLSTransport(asyncio.Transport):
                 return
 
     def _eof(self) -> None:
+        """The peer's close_notify.  The protocol may keep the connection open to write (TLS 1.3 half-close)."""
+        self._at_eof = True
         self._stop_reading()
-        keep_open = self._protocol.eof_received()
+        try:
+            keep_open = self._protocol.eof_received()
+        except Exception as exc:
+            self._protocol_failed("eof_received", exc)
+            return
         if not keep_open:
             self.close()
 
@@ -395,7 +429,11 @@ class TLSTransport(asyncio.Transport):
             self._wsize = len(rest)
             if self._protocol_paused and self._wsize <= self._low:
                 self._protocol_paused = False
-                self._protocol.resume_writing()
+                try:
+                    self._protocol.resume_writing()
+                except Exception as exc:
+                    self._protocol_failed("resume_writing", exc)
+                    return
         self._update_writer()
         if not self._wbuf and self._closing and not self._closed:
             self._shutdown()

@@ -363,12 +363,13 @@ def terminate(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
 
 
 def spawn_proxy(config_path: Path, tmp: Path, env: dict[str, str] | None = None,
-                ready_timeout: float = 15.0) -> ProxyProcess:
-    """Run ``python -m proxy serve --config`` and wait until ``/readyz`` answers 200."""
+                ready_timeout: float = 15.0, args: tuple[str, ...] = ()) -> ProxyProcess:
+    """Run ``python -m proxy serve --config`` (plus ``args``, e.g. ``--loop asyncio``) and wait until ``/readyz``
+    answers 200."""
     cfg = config_mod.load(config_path, {**os.environ, **(env or {})})
     out, err = tmp / f"proxy-{time.monotonic_ns()}.out", tmp / f"proxy-{time.monotonic_ns()}.err"
     with out.open("wb") as out_fh, err.open("wb") as err_fh:  # the child has its own copies of the fds
-        proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config_path)],
+        proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config_path), *args],
                                 stdout=out_fh, stderr=err_fh, cwd=ROOT, env={**os.environ, **(env or {})})
     pp = ProxyProcess(proc, cfg, out, err)
     deadline = time.monotonic() + ready_timeout

@@ -214,7 +214,8 @@ def test_families_parse_back_to_the_snapshot_values() -> None:
         "mtls_proxy_tls_handshake_failures": "counter", "mtls_proxy_denied": "counter",
         "mtls_proxy_connections_active": "gauge", "mtls_proxy_connections": "counter",
         "mtls_proxy_connections_rejected": "counter", "mtls_proxy_cert_expiry_timestamp_seconds": "gauge",
-        "mtls_proxy_reloads": "counter", "mtls_proxy_proxy_protocol_errors": "counter"}
+        "mtls_proxy_reloads": "counter", "mtls_proxy_proxy_protocol_errors": "counter",
+        "mtls_proxy_log_lines_dropped": "counter"}
     requests = {k[1]: val for k, val in v.items() if k[0] == "mtls_proxy_requests_total"}
     assert requests == {lab(method="GET", status="200", rule="partner-a"): 2,
                         lab(method="POST", status="403", rule=""): 1,
@@ -279,7 +280,7 @@ def test_label_values_are_escaped_in_the_exposition() -> None:
 def test_families_can_be_built_again_from_the_same_snapshot() -> None:
     snap: Any = busy().snapshot()
     first = [(f.name, f.samples) for f in metrics.families(snap)]
-    assert first == [(f.name, f.samples) for f in metrics.families(snap)] and len(first) == 12
+    assert first == [(f.name, f.samples) for f in metrics.families(snap)] and len(first) == 13
 
 
 def test_status_label_for_any_three_digit_status() -> None:

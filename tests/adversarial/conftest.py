@@ -11,6 +11,8 @@ prefix, and the processes under test inherit this environment):
     ADVERSARIAL_SOAK_SECONDS   load run duration (default 12; the issue's soak is 60)
     ADVERSARIAL_SOAK_CLIENTS   concurrent TLS clients (default 150; the issue's soak is 500)
     ADVERSARIAL_FUZZ_SECONDS   atheris run of the PROXY v2 parser (default 20)
+    ADVERSARIAL_STORM_CONNECTIONS  connections per fault-storm run (default 1000; test_fault_storm.py)
+    ADVERSARIAL_STORM_SEED     the fault storm's seed (default: a new one, printed with the figures)
 
 Must not: hold module-level mutable state (the figures live in ``config.stash``); every fixture stops what it started.
 """

@@ -22,6 +22,9 @@ CATEGORIES = {
     "test_degradation": "graceful degradation (max_connections, upstream down)",
     "test_scanner": "TLS scanner view (sslyze)",
     "test_regressions": "regressions (the bugs this suite found)",
+    "test_fault_storm": "fault storm (1,000 connections failing at every stage; slot, fd and pool leaks)",
+    "test_framing_in_hand": "malformed chunked bodies never reach the upstream",
+    "test_log_backpressure": "stalled log driver (real pipe, stopped reader)",
 }
 
 
@@ -41,10 +44,36 @@ class LoadRun:
     slope_asserted: bool = True  # False: the run was shorter than the warm-up, the slope is only reported
 
 
+STORM_STAGES = ("before-accept", "in-proxy-header", "after-proxy-header", "in-client-hello", "after-client-hello",
+                "after-handshake", "in-request-head", "in-request-body", "while-response-streams", "served")
+
+
+@dataclass(frozen=True, slots=True)
+class StormRun:
+    """What one fault storm (tests/adversarial/test_fault_storm.py) did and left behind."""
+
+    proxy_protocol: bool
+    loop: str
+    seed: int
+    connections: int
+    seconds: float
+    reset_at_limit: int
+    per_stage: dict[str, int]  # stage -> connections tried
+    slots_after: int
+    fds_before: int
+    fds_after: int
+    upstream_opened: int
+    upstream_left_open: int
+    upstream_anomalies: int
+    served_after_ms: float
+    drain_ms: float
+
+
 @dataclass
 class Figures:
     outcomes: dict[str, tuple[str, str]] = field(default_factory=dict)  # nodeid -> (category, outcome)
     runs: list[LoadRun] = field(default_factory=list)
+    storms: list[StormRun] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def outcome(self, nodeid: str, outcome: str) -> None:
@@ -57,6 +86,9 @@ class Figures:
 
     def run(self, run: LoadRun) -> None:
         self.runs.append(run)
+
+    def storm(self, run: StormRun) -> None:
+        self.storms.append(run)
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -85,6 +117,22 @@ class Figures:
                 lines.append(f"| {r.name} | {r.clients} | {r.seconds:.0f} | {r.requests:,} | {r.errors} "
                              f"| {r.peak_rss_mib:.1f} | {r.rss_slope_mib_per_min:+.2f}"
                              f"{'' if r.slope_asserted else ' (still warming up)'} | {r.fds_before} / {r.fds_after} |")
+        if self.storms:
+            lines += ["", "| fault storm | seed | connections (s) | reset at the limit | before accept | in / after "
+                          "PROXY header | in / after ClientHello | after handshake | in head | in body | while the "
+                          "response streams | served | slots after | fds before / after | upstream opened / left "
+                          "open / anomalies | drain (ms) |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            for r in self.storms:
+                n = r.per_stage.get
+                pp = f"{n('in-proxy-header', 0)} / {n('after-proxy-header', 0)}" if r.proxy_protocol else "-"
+                lines.append(
+                    f"| proxy_protocol {'on' if r.proxy_protocol else 'off'}, {r.loop} | {r.seed} | "
+                    f"{r.connections:,} ({r.seconds:.1f}) | {r.reset_at_limit} | {n('before-accept', 0)} | {pp} | "
+                    f"{n('in-client-hello', 0)} / {n('after-client-hello', 0)} | {n('after-handshake', 0)} | "
+                    f"{n('in-request-head', 0)} | {n('in-request-body', 0)} | {n('while-response-streams', 0)} | "
+                    f"{n('served', 0)} | {r.slots_after} | {r.fds_before} / {r.fds_after} | {r.upstream_opened} / "
+                    f"{r.upstream_left_open} / {r.upstream_anomalies} | {r.drain_ms:.0f} |")
         if self.notes:
             lines.append("")
             lines += [f"- {n}" for n in self.notes]
@@ -93,7 +141,8 @@ class Figures:
     def write_json(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"categories": self.counts(), "load_runs": [asdict(r) for r in self.runs],
-                                    "notes": self.notes}, indent=2) + "\n")
+                                    "fault_storms": [asdict(r) for r in self.storms], "notes": self.notes},
+                                   indent=2) + "\n")
 
 
 def category_of(nodeid: str) -> str:

@@ -26,10 +26,11 @@ from tests.pki import Pki
 
 
 def spawn(tmp: Path, pki: Pki, upstream_port: int, name: str, env: dict[str, str] | None = None,
-          **sections: Any) -> ProxyProcess:
-    """The real proxy process with ``write_config`` defaults overridden by ``sections``."""
+          args: tuple[str, ...] = (), **sections: Any) -> ProxyProcess:
+    """The real proxy process with ``write_config`` defaults overridden by ``sections`` (``args``: extra
+    ``serve`` options such as ``--loop asyncio``)."""
     path = write_config(tmp / f"{name}.toml", pki, upstream_port, **sections)
-    return spawn_proxy(path, tmp, env)
+    return spawn_proxy(path, tmp, env, args=args)
 
 
 def fds(pid: int) -> int:

@@ -5,8 +5,10 @@ Transfer-Encoding values and spellings, chunk-size oddities, bare LF, whitespace
 bytes, over-long request lines and heads -- each sent in ONE write followed by a pipelined ``GET /smuggled/<case>``.
 For every case the test asserts the statuses the client got, that the connection ended, and what a strict
 recording upstream (tests/adversarial/recorder.py, a reader independent of ``proxy.http1``) received: nothing, or
-exactly the clean requests listed -- and never the smuggled request after an error.  A request refused mid-body
-may leave the upstream one *incomplete* request on a connection the proxy reset, never a complete one.  After each
+exactly the clean requests listed -- and never the smuggled request after an error.  A chunked body whose framing
+is broken within the bytes that came with its head is refused before anything goes upstream: the upstream sees no
+request at all, not even an aborted one (tests/adversarial/test_framing_in_hand.py has the streamed case, which
+may leave the upstream one *incomplete* request on a connection the proxy reset, never a complete one).  After each
 case a barrier request on a fresh connection proves the pooled upstream connections are still clean.
 
 tests/e2e/test_errors.py checks the proxy's error statuses and JSON bodies per malformed request in-process; this
@@ -61,7 +63,7 @@ def served(body: bytes, method: str = "POST") -> Outcome:
     return Outcome((200, 200), ((method, "/c/@ID@", body), ("GET", "/smuggled/@ID@", b"")))
 
 
-CHUNK_ODDITIES = {  # every one after a valid head: the proxy may already have sent the head upstream
+CHUNK_ODDITIES = {  # every one after a valid head, in the same write: refused before the head goes upstream
     "non-hex": b"g\r\nx\r\n0\r\n\r\n",
     "hex-then-junk": b"3g\r\nabc\r\n0\r\n\r\n",
     "negative": b"-3\r\nabc\r\n0\r\n\r\n",
@@ -184,7 +186,7 @@ CASES: dict[str, tuple[bytes, Outcome]] = {
                                     served(b"hello")),  # trailers are discarded, never merged into the head
     "cl-leading-zeros": (POST + b"Content-Length: 005\r\n\r\nhello", served(b"hello")),
     "leading-empty-lines": (b"\r\n\r\n" + GET + b"\r\n", served(b"", "GET")),
-    **{f"chunk-{name}": (POST + TE + b"\r\n" + body + SMUGGLED, refused(400, mid_body=True))
+    **{f"chunk-{name}": (POST + TE + b"\r\n" + body + SMUGGLED, refused(400))
        for name, body in CHUNK_ODDITIES.items()},
 }
 
