@@ -5,7 +5,7 @@
 #   podman build --format docker --build-arg BASE_IMAGE=localhost/debian-python:bookworm -t mtls-proxy .
 #
 # BASE_IMAGE is any Debian-based image with python3 (3.11+) and its venv module: the official slim image by
-# default, or a local debootstrap image (scripts/container-test.sh); only `python3 -m venv` is relied on, no path
+# default, or a local debootstrap image (ci/container-test.sh); only `python3 -m venv` is relied on, no path
 # that exists in one of them only.  podman needs `--format docker` to keep HEALTHCHECK (OCI images have none).
 #
 # Runtime contract (deploy/provider.yaml and docker-compose.yml depend on it): proxy on 8443, admin (/healthz,

@@ -2,7 +2,7 @@
 
 Owns: reading /proc (a process tree's CPU time, VmRSS/VmHWM, resetting the peak), the machine-wide CPU figure
 that tells how busy *other* processes were (noise), running one generator pinned to the generator CPUs and
-turning its output into numbers, and the four phases of issue 5 (keep-alive, handshakes, upload, download).
+turning its output into numbers, and the four phases (keep-alive, handshakes, upload, download).
 
 Must not: start or stop targets or the upstream (``run.py`` does), print tables (``report.py``), or judge the
 figures against the issue's targets.  Standard library only: it runs before anything is installed.

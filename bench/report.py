@@ -1,4 +1,4 @@
-"""Turning per-run figures into the table of issue 5, the mtls-proxy / NGINX ratios and the target verdicts.
+"""Turning per-run figures into the comparison table, the mtls-proxy / NGINX ratios and the target verdicts.
 
 Owns: the columns (and which direction is better for each), the median and best-of-N summaries, the ratio
 rows, the check of the issue's targets, and the Markdown rendering.
@@ -106,7 +106,7 @@ def _num(row: Row | None, key: str) -> float | None:
 
 
 def check_targets(nginx: Row | None, proxy1: Row | None, proxy2: Row | None) -> list[Verdict]:
-    """The targets of issue 5, judged on the rows given (the medians, normally)."""
+    """The performance targets against NGINX, judged on the rows given (the medians, normally)."""
     verdicts = []
 
     def ratio(key: str, limit: float, above: bool, label: str) -> None:

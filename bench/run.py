@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""mtls-proxy against NGINX with the same job, on this machine, in one run (issue 5's table).
+"""mtls-proxy against NGINX with the same job, on this machine, in one run (the comparison table).
 
 Owns: the command line, the values rendered into ``bench/conf/`` (the upstream, the NGINX being replaced,
 mtls-proxy), starting and stopping the upstream and each target pinned to its CPUs, the run loop (``--repeat``
@@ -326,7 +326,7 @@ def metadata(args: argparse.Namespace, python: str, layout: Layout) -> dict[str,
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="mtls-proxy against NGINX (issue 5); see bench/README.md.")
+    p = argparse.ArgumentParser(description="mtls-proxy against NGINX; see bench/README.md.")
     p.add_argument("--quick", action="store_true", help="half durations (smoke test, ~1.5 min)")
     p.add_argument("--repeat", type=int, default=1, help="runs per target, interleaved (default 1; use 3)")
     p.add_argument("--only", default=",".join(PHASES), help="phases: ka,hs,up,down (default all)")
@@ -421,7 +421,7 @@ def publish(args: argparse.Namespace, meta: dict[str, object], rows: list[report
           f"{'quick, ' if args.quick else ''}{args.repeat} run(s) per target, {elapsed:.0f} s; "
           f"{noisy} of {len(rows)} runs noisy (other processes > {args.noisy_pct:.0f}% of all CPUs)\n")
     print(report.markdown_table(shown + ratios))
-    print(f"\nissue 5 targets ({'single run' if args.repeat == 1 else 'medians'}; "
+    print(f"\ntargets ({'single run' if args.repeat == 1 else 'medians'}; "
           "the machine is noisy, so read them with the other % column):")
     print(report.verdict_lines(verdicts))
     path = Path(args.json) if args.json else (

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# mtls-proxy against NGINX on this machine (issue 5's table).  Run from anywhere; see bench/README.md.
+# mtls-proxy against NGINX on this machine (the comparison table).  Run from anywhere; see bench/README.md.
 #   bench/run.sh --quick            smoke run, ~1.5 min
 #   bench/run.sh --repeat 3         the figures to quote (~5 min)
 # Everything else is in bench/run.py (--help).  Needs Python >= 3.11 to start; as root it installs the

@@ -1,8 +1,9 @@
 """``mtls-proxy check``: validate a configuration and everything it names, and warn about weak settings.
 
 Owns: the list of warnings (exit status stays 0): TLS 1.2 suites without AEAD (CBC) or with 3DES, upstream
-verification off, ``allow_all_verified``, certificates or CRLs that expire within 30 days, and CRL coverage (with
-``crl`` set, OpenSSL refuses every client whose issuing CA has no CRL in the file).
+verification off, ``allow_all_verified``, certificates or CRLs that expire within 30 days, CRL coverage (with
+``crl`` set, OpenSSL refuses every client whose issuing CA has no CRL in the file), and OpenSSL fast paths this
+Python cannot use (``proxy.openssl``: the proxy works without them, with more CPU per request).
 
 Must not: start anything; it shares the loader and the context builders with ``serve``.
 """
@@ -14,10 +15,11 @@ import ssl
 
 from cryptography import x509
 
+from . import openssl
 from .config import Config, load
 from .errors import ConfigErrors
 from .runtime import build_runtime
-from .tls import CertFact, expiring, read_pem
+from .tls import CertFact, expiring, load_crls, read_pem
 
 WARN_DAYS = 30
 
@@ -41,6 +43,8 @@ def check(path: str | None) -> tuple[list[str], list[str]]:
                         "allowed, on every method and path")
     warnings += _expiry_warnings(rt.facts)
     warnings += _crl_coverage(cfg)
+    warnings += [f"openssl: fast path {name} {state}" for name, state in
+                 openssl.fast_paths(rt.server_context, rt.upstream_context).items() if state != "on"]
     return [], warnings
 
 
@@ -84,11 +88,6 @@ def _crl_coverage(cfg: Config) -> list[str]:
     if cfg.server.crl is None:
         return []
     cas = x509.load_pem_x509_certificates(read_pem(cfg.server.client_ca, "server.client_ca"))
-    pem = read_pem(cfg.server.crl, "server.crl")
-    issuers = set()
-    marker = b"-----BEGIN X509 CRL-----"
-    for part in pem.split(marker)[1:]:
-        crl = x509.load_pem_x509_crl(marker + part.split(b"-----END X509 CRL-----")[0] + b"-----END X509 CRL-----\n")
-        issuers.add(crl.issuer)
+    issuers = {crl.issuer for crl in load_crls(read_pem(cfg.server.crl, "server.crl"), cfg.server.crl)}
     return [f"server.crl: no CRL for client CA {ca.subject.rfc4514_string()}: with crl set, OpenSSL refuses "
             f"every client it issued" for ca in cas if ca.subject not in issuers]

@@ -90,6 +90,12 @@ class UpstreamTimeout(UpstreamError):
     status, code, kind = 504, "upstream_timeout", "timeout"
 
 
+# Every UpstreamError.kind (metric labels of mtls_proxy_upstream_errors; each exists from the start).
+UPSTREAM_ERROR_KINDS = tuple(dict.fromkeys(
+    cls.kind for cls in (UpstreamConnectError, UpstreamTLSError, UpstreamProtocolError, UpstreamClosed,
+                         UpstreamTimeout, UpstreamError)))
+
+
 class ConfigError(Exception):
     """One configuration problem: ``key`` is the dotted key, env var or file that is wrong."""
 

@@ -13,12 +13,29 @@ Must not: parse (that is ``proxy.http1``), decide policy, or format values that 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from .config import UpstreamConfig
 
-if TYPE_CHECKING:
-    from .identity import Identity
+class Upstream(Protocol):
+    """What the upstream block needs of ``proxy.config.UpstreamConfig``."""
+
+    @property
+    def host_header(self) -> str: ...
+    @property
+    def api_id(self) -> str | None: ...
+
+
+class CertIdentity(Protocol):
+    """What the identity headers need of ``proxy.identity.Identity`` (each value already header-safe)."""
+
+    @property
+    def subject(self) -> str: ...
+    @property
+    def fingerprint(self) -> str: ...
+    @property
+    def serial(self) -> str: ...
+    @property
+    def xfcc(self) -> str: ...
 
 # Headers that carry identity or forwarding facts the upstream trusts.  Any client-sent copy is dropped, also
 # when spelled with "_" for "-" (http1.parse_request_head applies that folding).  x-apigw-api-id is here because
@@ -30,7 +47,7 @@ SPOOFABLE = frozenset({
 })
 
 
-def upstream_block(upstream: UpstreamConfig) -> bytes:
+def upstream_block(upstream: Upstream) -> bytes:
     """Host (always the API's name, even when ``connect_to`` dials elsewhere) and x-apigw-api-id."""
     out = b"Host: " + upstream.host_header.encode("ascii") + b"\r\n"
     if upstream.api_id:
@@ -38,7 +55,7 @@ def upstream_block(upstream: UpstreamConfig) -> bytes:
     return out
 
 
-def connection_block(upstream: bytes, identity: Identity, client_addr: str, vpce_id: str | None) -> bytes:
+def connection_block(upstream: bytes, identity: CertIdentity, client_addr: str, vpce_id: str | None) -> bytes:
     """Every header the proxy adds to each request of one connection, as one CRLF-terminated block."""
     lines = [
         upstream,

@@ -25,6 +25,7 @@ __all__ = [
     "PREFIX_LEN",
     "REASONS",
     "SIGNATURE",
+    "VPCE_ID",
     "ProxyInfo",
     "ProxyProtocolError",
     "build",
@@ -67,9 +68,11 @@ _ADDRESS_LEN = {_AF_UNSPEC: 0, _AF_INET: 12, _AF_INET6: 36, _AF_UNIX: 216}
 PP2_TYPE_NOOP = 0x04
 PP2_TYPE_AWS = 0xEA  # AWS ELB docs, "Proxy protocol" -> "VPC endpoint ID"
 PP2_SUBTYPE_AWS_VPCE_ID = 0x01
-# The id goes into an upstream header and into logs: nothing but the documented shape may pass.
-# fullmatch on bytes, so no trailing newline sneaks past a `$`.
-_VPCE_RE = re.compile(rb"vpce-[0-9a-f]{1,32}")
+# The shape of a VPC endpoint id (``vpce-`` and up to 32 lowercase hex digits; AWS issues 17 today).  The one
+# definition: the id goes into an upstream header and into logs, and allow rules compare against it, so the
+# config and the policy check rule values with this same pattern.  fullmatch, so no trailing newline sneaks past.
+VPCE_ID = "vpce-[0-9a-f]{1,32}"
+_VPCE_RE = re.compile(VPCE_ID.encode("ascii"))
 
 _PREFIX = struct.Struct("!12sBBH")
 _TLV_HEAD = struct.Struct("!BH")
@@ -98,7 +101,7 @@ class ProxyInfo:
     src_port: int | None
     dst_addr: str | None
     dst_port: int | None
-    vpce_id: str | None  # AWS PrivateLink endpoint id, validated against vpce-[0-9a-f]{1,32}
+    vpce_id: str | None  # AWS PrivateLink endpoint id, validated against VPCE_ID
     tlvs: tuple[tuple[int, bytes], ...]  # every TLV in wire order, raw (LOCAL: always empty)
 
 

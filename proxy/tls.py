@@ -8,28 +8,27 @@ failed handshake by OpenSSL's own verify result.
 Must not: accept connections or keep state; a reload builds new contexts with ``build_server_context`` and the
 caller swaps them.
 
-Chain depth: Python's ``ssl`` module has no ``set_verify_depth``.  OpenSSL's default (100) would accept
-arbitrarily long client chains, so we call ``SSL_CTX_set_verify_depth`` on the context's ``SSL_CTX*`` through
-ctypes, from the same libssl the ``_ssl`` module is linked against, and read it back to prove it took effect.
-If that is impossible on a platform the proxy refuses to start rather than run without the limit.
+Chain depth and read-ahead are set through ``proxy.openssl`` (Python's ``ssl`` has neither).  Without the depth
+limit OpenSSL would accept client chains up to 100 deep, so when it cannot be set the proxy refuses to start
+(``server.verify_depth``); read-ahead is a fast path and is simply off when it cannot be proven.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import datetime as dt
 import os
 import ssl
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from . import openssl
 from .config import PemSource, ServerConfig, UpstreamConfig
 from .errors import ConfigError
+
+# transport.py still imports it from here; it belongs to the OpenSSL bridge.
+pending_function = openssl.pending_function
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -105,92 +104,6 @@ class _PemFile:
             os.unlink(self.path)
 
 
-@functools.cache
-def _libssl() -> ctypes.CDLL:
-    """The libssl the running ``_ssl`` module uses (found in this process's memory map; loaded once)."""
-    import _ssl  # noqa: F401  (makes sure libssl is mapped)
-
-    with open("/proc/self/maps") as fh:
-        for line in fh:
-            path = line.rsplit(None, 1)[-1]
-            if "/libssl.so" in path:
-                lib = ctypes.CDLL(path)
-                break
-        else:
-            raise OSError("libssl is not mapped (statically linked ssl module?)")
-    for name, args, res in (("SSL_CTX_ctrl", [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p],
-                             ctypes.c_long),
-                            ("SSL_get_SSL_CTX", [ctypes.c_void_p], ctypes.c_void_p),
-                            ("SSL_has_pending", [ctypes.c_void_p], ctypes.c_int)):
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, res
-    return lib
-
-
-def _ctx_pointer(ctx: ssl.SSLContext) -> int:
-    # CPython's PySSLContext starts with PyObject_HEAD followed by the SSL_CTX* pointer.
-    return ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value or 0
-
-
-_SSL_CTRL_SET_READ_AHEAD = 41
-# CPython 3.11-3.13 lay out the C-level _ssl._SSLSocket as PyObject_HEAD, a weakref to the socket, then SSL*.
-_SSL_POINTER_OFFSET = object.__basicsize__ + ctypes.sizeof(ctypes.c_void_p)
-
-
-def enable_read_ahead(ctx: ssl.SSLContext) -> bool:
-    """Let OpenSSL read everything the socket has in one read() instead of a 5-byte header and then the body of
-    each record (what NGINX does too): half the read calls per request, a fifth during a handshake.  Readers must
-    then ask ``SSL_has_pending`` (see ``pending_function``), because whole records can wait in OpenSSL's buffer
-    where epoll cannot see them."""
-    if sys.implementation.name != "cpython" or not (3, 11) <= sys.version_info[:2] <= (3, 13):
-        return False
-    try:
-        lib = _libssl()
-    except OSError:
-        return False
-    ptr = _ctx_pointer(ctx)
-    if not ptr:
-        return False
-    lib.SSL_CTX_ctrl(ptr, _SSL_CTRL_SET_READ_AHEAD, 1, None)
-    return True
-
-
-def pending_function(sock: ssl.SSLSocket) -> Callable[[], int] | None:
-    """``SSL_has_pending`` bound to this connection (decrypted *or* still-encrypted buffered bytes), or None
-    when the SSL* cannot be located safely (then the caller must not rely on read-ahead)."""
-    tls = getattr(sock, "_sslobj", None)
-    if tls is None or sys.implementation.name != "cpython" or not (3, 11) <= sys.version_info[:2] <= (3, 13):
-        return None
-    try:
-        lib = _libssl()
-    except OSError:
-        return None
-    ptr = ctypes.c_void_p.from_address(id(tls) + _SSL_POINTER_OFFSET).value
-    # Proof that ptr is this connection's SSL*: it must belong to this socket's SSL_CTX.
-    if not ptr or lib.SSL_get_SSL_CTX(ptr) != _ctx_pointer(sock.context):
-        return None
-    return functools.partial(lib.SSL_has_pending, ptr)
-
-
-def set_verify_depth(ctx: ssl.SSLContext, depth: int) -> None:
-    """Limit the client chain to ``depth`` intermediates (OpenSSL semantics), or raise OSError."""
-    lib = _libssl()
-    lib.SSL_CTX_set_verify_depth.argtypes = [ctypes.c_void_p, ctypes.c_int]
-    lib.SSL_CTX_set_verify_depth.restype = None
-    lib.SSL_CTX_get_verify_depth.argtypes = [ctypes.c_void_p]
-    lib.SSL_CTX_get_verify_depth.restype = ctypes.c_int
-    lib.SSL_CTX_get_verify_mode.argtypes = [ctypes.c_void_p]
-    lib.SSL_CTX_get_verify_mode.restype = ctypes.c_int
-    ptr = _ctx_pointer(ctx)
-    # SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT == 3 for CERT_REQUIRED on a server context: proves the
-    # pointer really is this context's SSL_CTX before we write through it.
-    if not ptr or lib.SSL_CTX_get_verify_mode(ptr) != 3:
-        raise OSError("cannot locate the SSL_CTX of an ssl.SSLContext on this Python build")
-    lib.SSL_CTX_set_verify_depth(ptr, depth)
-    if lib.SSL_CTX_get_verify_depth(ptr) != depth:
-        raise OSError("SSL_CTX_set_verify_depth did not take effect")
-
-
 def build_server_context(server: ServerConfig) -> tuple[ssl.SSLContext, list[CertFact]]:
     """The client-facing context and the expiry facts of what it loaded; ConfigError on any bad input."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -237,7 +150,7 @@ def build_server_context(server: ServerConfig) -> tuple[ssl.SSLContext, list[Cer
 
     if server.crl is not None:
         crl_pem = read_pem(server.crl, "server.crl")
-        crls = _load_crls(crl_pem, server.crl)
+        crls = load_crls(crl_pem, server.crl)
         for crl in crls:
             nu = crl.next_update_utc
             facts.append(CertFact(f"crl:{_cn(crl.issuer)}", nu.timestamp() if nu else float("inf")))
@@ -249,10 +162,10 @@ def build_server_context(server: ServerConfig) -> tuple[ssl.SSLContext, list[Cer
                 raise ConfigError("server.crl", f"{server.crl}: {exc.reason or exc}") from None
         ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     try:
-        set_verify_depth(ctx, server.verify_depth)
-        enable_read_ahead(ctx)
-    except OSError as exc:
+        openssl.set_verify_depth(ctx, server.verify_depth)
+    except openssl.Unavailable as exc:
         raise ConfigError("server.verify_depth", f"cannot enforce the chain depth limit: {exc}") from None
+    openssl.enable_read_ahead(ctx)
     return ctx, facts
 
 
@@ -266,7 +179,9 @@ def _no_password() -> bytes:
     raise _EncryptedKey
 
 
-def _load_crls(pem: bytes, source: PemSource) -> list[x509.CertificateRevocationList]:
+def load_crls(pem: bytes, source: PemSource) -> list[x509.CertificateRevocationList]:
+    """Every CRL in a PEM bundle (only the CRL blocks: other PEM blocks in the file are ignored); ConfigError
+    naming ``server.crl`` for a bad or missing one."""
     crls = []
     marker = b"-----BEGIN X509 CRL-----"
     for part in pem.split(marker)[1:]:
@@ -297,9 +212,12 @@ def build_upstream_context(upstream: UpstreamConfig) -> ssl.SSLContext:
     if not upstream.verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-    enable_read_ahead(ctx)
+    openssl.enable_read_ahead(ctx)
     return ctx
 
+
+# The reasons a client handshake fails, as the metric labels them (a fixed set: every label exists from the start).
+HANDSHAKE_REASONS = ("no_cert", "untrusted", "expired", "revoked", "bad_purpose", "protocol", "timeout", "other")
 
 # OpenSSL X509_V_ERR_* codes (x509_vfy.h) grouped into the metric's fixed reason set.
 _VERIFY_REASONS = {
@@ -314,7 +232,7 @@ _VERIFY_REASONS = {
 
 
 def handshake_failure_reason(exc: BaseException) -> str:
-    """One of no_cert, untrusted, expired, revoked, bad_purpose, protocol, timeout, other."""
+    """One of HANDSHAKE_REASONS."""
     # getattr: only errors raised by _ssl carry verify_code/reason; one built in Python code has neither.
     if isinstance(exc, ssl.SSLCertVerificationError):
         return _VERIFY_REASONS.get(getattr(exc, "verify_code", None), "other")  # type: ignore[arg-type]

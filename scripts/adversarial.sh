@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The adversarial suite (issue 6) and its summary table -- the "make adversarial" of this repository.
+# The adversarial suite (tests/adversarial/) and its summary table -- the "make adversarial" of this repository.
 #
 #   scripts/adversarial.sh [--long] [pytest arguments...]
 #

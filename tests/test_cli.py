@@ -1,7 +1,7 @@
 """The command line as operators and partners use it: real ``python -m proxy`` processes, real curl.
 
 ``serve`` fails with one line per problem and no traceback; ``certs init`` refuses to overwrite; and the README's
-partner smoke test runs against ``demo`` exactly as printed (issue 2, "The README's two commands").
+partner smoke test runs against ``demo`` exactly as printed (the README's "Two commands").
 """
 
 from __future__ import annotations

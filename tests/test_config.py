@@ -5,6 +5,8 @@ Every test passes an explicit ``environ`` mapping, so nothing here depends on (o
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,9 @@ import pytest
 from proxy import config
 from proxy.config import Address, AllowRule, PemSource
 from proxy.errors import ConfigErrors
+from proxy.policy import Policy, PolicyError
+
+FINGERPRINT = ":".join(["AB"] * 32)
 
 MINIMAL = """\
 [server]
@@ -270,8 +275,8 @@ ENV_TABLE: list[tuple[str, str, str, Any]] = [
 
 def test_env_table_covers_every_schema_key() -> None:
     expected = {f"MTLS_PROXY_{section.upper()}_{key.upper()}"
-                for section, keys in config._SECTIONS.items() for key in keys}
-    expected |= {f"MTLS_PROXY_{key.upper()}" for key in config._TOP_KEYS}
+                for section, keys in config.loader._SECTIONS.items() for key in keys}
+    expected |= {f"MTLS_PROXY_{key.upper()}" for key in config.loader._TOP_KEYS}
     assert {row[0] for row in ENV_TABLE} == expected
 
 
@@ -300,10 +305,10 @@ def test_env_beats_the_file(tmp_path: Path) -> None:
 
 def test_env_allow_replaces_the_whole_rule_list(tmp_path: Path) -> None:
     rules = ('[{"name": "env-a", "subject_cn": ["a"], "methods": ["GET"]},'
-             ' {"name": "env-b", "fingerprint_sha256": ["AB:CD"], "paths": ["/x/**"]}]')
+             ' {"name": "env-b", "fingerprint_sha256": ["%s"], "paths": ["/x/**"]}]' % FINGERPRINT)
     cfg = load(write(tmp_path, MINIMAL), {"MTLS_PROXY_ALLOW": rules})
     assert cfg.allow == (AllowRule(name="env-a", subject_cn=("a",), methods=("GET",)),
-                         AllowRule(name="env-b", fingerprint_sha256=("AB:CD",), paths=("/x/**",)))
+                         AllowRule(name="env-b", fingerprint_sha256=(FINGERPRINT,), paths=("/x/**",)))
 
 
 def test_env_allow_all_verified_needs_no_rules(tmp_path: Path) -> None:
@@ -406,8 +411,12 @@ FILE_ERRORS: list[tuple[str, str, str, str]] = [
     ("upstream", "connect_timeout = -1", "upstream.connect_timeout", "between 0.01"),
     ("upstream", "pool_max_idle = -1", "upstream.pool_max_idle", "between 0"),
     # rules
-    ("allow", 'methods = ["get"]', "allow[0].methods[0]", "not an uppercase HTTP method"),
-    ("allow", 'methods = ["GET", "PO ST"]', "allow[0].methods[1]", "not an uppercase HTTP method"),
+    ("allow", 'methods = ["get"]', "allow[0].methods[0]", "must be an uppercase HTTP method"),
+    ("allow", 'methods = ["GET", "PO ST"]', "allow[0].methods[1]", "must be an uppercase HTTP method"),
+    ("allow", 'methods = ["M.X"]', "allow[0].methods[0]", "must be an uppercase HTTP method"),
+    ("allow", 'paths = ["/a/../b"]', "allow[0].paths[0]", "never occur in a normalised path"),
+    ("allow", 'san_dns = ["a..b"]', "allow[0].san_dns[0]", "empty label"),
+    ("allow", 'san_uri = ["spiffe://a", ""]', "allow[0].san_uri[1]", "must not be empty"),
     ("allow", 'source_vpce = ["vpce-0abc"]', "allow[0].source_vpce", "needs server.proxy_protocol = true"),
 ]
 
@@ -463,13 +472,42 @@ def test_url_credentials_are_never_echoed(tmp_path: Path, url: str) -> None:
 def test_bad_source_vpce_id(tmp_path: Path) -> None:
     text = edit(MINIMAL, "server", "proxy_protocol = true") + 'source_vpce = ["vpce-0abc", "vpc-123", "VPCE-1"]\n'
     assert errors(write(tmp_path, text)) == [
-        "allow[0].source_vpce[1]: not a VPC endpoint id: 'vpc-123'",
-        "allow[0].source_vpce[2]: not a VPC endpoint id: 'VPCE-1'",
+        "allow[0].source_vpce[1]: must look like 'vpce-0123456789abcdef0', got 'vpc-123'",
+        "allow[0].source_vpce[2]: must look like 'vpce-0123456789abcdef0', got 'VPCE-1'",
     ]
 
 
+def policy_refusals() -> list[tuple[AllowRule, str]]:
+    """The policy's own table of refused rules (tests/test_policy.py), as AllowRules and the problem text."""
+    from tests.test_policy import POLICY_ERRORS
+
+    out = []
+    for rule, message in POLICY_ERRORS:
+        fields = {f: getattr(rule, f) for f in AllowRule.__dataclass_fields__}
+        if any(isinstance(v, str) for k, v in fields.items() if k != "name") or any(
+                not isinstance(x, str) for k, v in fields.items() if k != "name" for x in v):
+            continue  # a wrong type: the loader's type check answers those, before any value check
+        out.append((AllowRule(**fields), message))
+    return out
+
+
+@pytest.mark.parametrize(("rule", "message"), policy_refusals(), ids=lambda x: x if isinstance(x, str) else "")
+def test_config_refuses_what_the_policy_refuses_under_the_fields_key(tmp_path: Path, rule: AllowRule,
+                                                                      message: str) -> None:
+    with pytest.raises(PolicyError):
+        Policy.compile([rule], allow_all_verified=False)
+    problem = message.split(": ", 1)[1]  # after "allow[0] (name)": "methods[0]: must be ..." or a rule-wide text
+    field, sep, text = problem.partition(": ")
+    expected = f"allow[0].{field}: {text}" if sep else f"allow[0]: {problem}"
+    toml = "[[allow]]\n" + "".join(f"{k} = {json.dumps(v if isinstance(v, str) else list(v))}\n"
+                                   for k, v in dataclasses.asdict(rule).items() if v or k == "name")
+    found = errors(write(tmp_path, MINIMAL.split("[[allow]]")[0] + toml), {"MTLS_PROXY_SERVER_PROXY_PROTOCOL": "1"})
+    assert expected in found, found
+
+
 def test_duplicate_rule_names(tmp_path: Path) -> None:
-    text = MINIMAL + '[[allow]]\nname = "partner-b"\nsubject_cn = ["b"]\n[[allow]]\nname = "partner-a"\n'
+    text = (MINIMAL + '[[allow]]\nname = "partner-b"\nsubject_cn = ["b"]\n[[allow]]\nname = "partner-a"\n'
+            'subject_cn = ["c"]\n')
     assert errors(write(tmp_path, text)) == ["allow[2].name: duplicate rule name 'partner-a'"]
 
 
@@ -524,7 +562,7 @@ ENV_ERRORS: list[tuple[dict[str, str], str, str]] = [
     ({"MTLS_PROXY_ALLOW": '{"name": "a"}'}, "MTLS_PROXY_ALLOW", "expected a list of rules"),
     ({"MTLS_PROXY_ALLOW": '["a"]'}, "MTLS_PROXY_ALLOW[0]", "expected a table"),
     ({"MTLS_PROXY_ALLOW": '[{"name": "a", "subject_cn": ["x"], "methods": ["get"]}]'},
-     "MTLS_PROXY_ALLOW[0].methods[0]", "not an uppercase HTTP method"),
+     "MTLS_PROXY_ALLOW[0].methods[0]", "must be an uppercase HTTP method"),
     ({"MTLS_PROXY_ALLOW": '[{"name": "a", "subject_cn": ["x"], "colour": "red"}]'},
      "MTLS_PROXY_ALLOW[0].colour", "unknown key"),
     ({"MTLS_PROXY_ALLOW": '[{"name": "a", "subject_cn": ["x"]}, {"name": "a", "san_dns": ["y"]}]'},

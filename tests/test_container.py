@@ -3,7 +3,7 @@
 Owns: hadolint on the Dockerfile; the image's contract against deploy/provider.yaml (ports, user, health check,
 listen addresses); ``docker-compose config`` and what the compose stack must mean (order, conditions, TLS 1.2, a
 configuration the proxy accepts); the compose-to-podman translator's pure parts; scripts/smoke.sh against real
-proxy processes, passing and failing for each reason it exists; and scripts/container-test.sh, which builds the
+proxy processes, passing and failing for each reason it exists; and ci/container-test.sh, which builds the
 image with podman and runs it and the compose stack for real (``slow``, still part of the default run: where podman
 cannot run, it fails and says why).
 
@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
 SMOKE = ROOT / "scripts" / "smoke.sh"
-CONTAINER_TEST = ROOT / "scripts" / "container-test.sh"
+CONTAINER_TEST = ROOT / "ci" / "container-test.sh"
 PROVIDER = ROOT / "deploy" / "provider.yaml"
 
 SMOKE_CHECKS = ("allowed client (partner command)", "no client certificate", "revoked client certificate",
@@ -240,10 +240,10 @@ def test_compose_proxy_is_pinned_to_tls12_and_allows_only_client(compose_doc: di
     assert services["smoke"]["command"] == ["https://proxy:8443/hello", "/certs"]
 
 
-# --- scripts/compose_podman.py (pure parts) ------------------------------------------------------------------
+# --- ci/compose_podman.py (pure parts) ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def compose_podman() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("compose_podman", ROOT / "scripts" / "compose_podman.py")
+    spec = importlib.util.spec_from_file_location("compose_podman", ROOT / "ci" / "compose_podman.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules["compose_podman"] = module  # dataclasses resolve annotations through sys.modules
@@ -459,16 +459,16 @@ def test_smoke_usage_errors_exit_2(args: list[str]) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_container_image_builds_and_runs(tmp_path: Path) -> None:
-    """scripts/container-test.sh end to end (cold about 5 minutes with debootstrap, warm well under one)."""
+    """ci/container-test.sh end to end (cold about 5 minutes with debootstrap, warm well under one)."""
     if os.geteuid() != 0:
-        pytest.fail("scripts/container-test.sh needs root (rootful podman, debootstrap, nsenter); CI runs as root. "
+        pytest.fail("ci/container-test.sh needs root (rootful podman, debootstrap, nsenter); CI runs as root. "
                     "Run it with sudo, or run this test as root.")
     log = tmp_path / "container-test.log"
     with log.open("wb") as out:
         proc = subprocess.run(["bash", str(CONTAINER_TEST)], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
                               env={**os.environ, "PYTHON": sys.executable}, timeout=1700)
     text = log.read_text(errors="replace")
-    assert proc.returncode == 0, f"scripts/container-test.sh failed (exit {proc.returncode}):\n{text[-6000:]}"
+    assert proc.returncode == 0, f"ci/container-test.sh failed (exit {proc.returncode}):\n{text[-6000:]}"
     # Both runs of the smoke test (the standalone container and the compose stack) passed every check.
     for check in SMOKE_CHECKS:
         assert text.count(f"PASS  {check}:") == 2, check

@@ -1,11 +1,9 @@
-"""Configuration: one frozen tree, built once by a pure loader and passed down.
+"""Loading a configuration: the TOML file, the ``MTLS_PROXY_*`` environment overrides, and validation.
 
-Owns: the schema (every key, its type and default), reading the TOML file, the ``MTLS_PROXY_*`` environment
-overrides, and value validation.  ``load()`` is the only place in the package that reads the environment; the
-``check`` and ``serve`` commands share it.  Every problem is collected as a ``ConfigError`` naming the key
-(``server.listen``, ``MTLS_PROXY_SERVER_LISTEN``, ``allow[2].paths``) and reported together.
-
-Must not: open certificates or sockets (``proxy.tls`` loads and checks the PEM files), or exit the process.
+Owns: the schema tables (every key and its raw type), turning TOML values and environment strings into the
+dataclasses of ``model.py``, and collecting every problem as a ``ConfigError`` naming its key (``server.listen``,
+``MTLS_PROXY_SERVER_LISTEN``, ``allow[2].paths[0]``), reported together.  ``load()`` is the only place in the
+package that reads the environment; the ``check`` and ``serve`` commands share it.
 
 Environment overrides: ``MTLS_PROXY_<SECTION>_<KEY>`` (``MTLS_PROXY_UPSTREAM_READ_TIMEOUT=45``), top-level keys as
 ``MTLS_PROXY_<KEY>``, lists as JSON arrays, the whole rule list as JSON in ``MTLS_PROXY_ALLOW``.  An unknown
@@ -14,137 +12,34 @@ Environment overrides: ``MTLS_PROXY_<SECTION>_<KEY>`` (``MTLS_PROXY_UPSTREAM_REA
 PEM sources (``cert``, ``key``, ``client_ca``, ``crl``, ``ca_bundle``) are file paths, or ``env:NAME`` to read
 the PEM text from environment variable NAME (how ECS injects Secrets Manager secrets).  Relative paths in the file
 are relative to the file's directory; relative paths from the environment are relative to the working directory.
+
+Must not: open certificates or sockets (``proxy.tls`` loads and checks the PEM files), or exit the process.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import ipaddress
 import json
 import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-from .errors import ConfigError, ConfigErrors
-
-ENV_PREFIX = "MTLS_PROXY_"
-
-# Mozilla "intermediate" TLS 1.2 suites: forward secrecy and AEAD only (no CBC, 3DES, RC4, NULL).
-DEFAULT_CIPHERS = (
-    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
-    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
-    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+from ..errors import ConfigError, ConfigErrors
+from . import values
+from .model import (
+    DEFAULTS,
+    ENV_PREFIX,
+    ENVIRONMENT,
+    AdminConfig,
+    AllowRule,
+    Config,
+    LogConfig,
+    PemSource,
+    ServerConfig,
+    UpstreamConfig,
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Address:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class PemSource:
-    """Where PEM text comes from: a file (reloadable) or an environment variable (fixed for the process)."""
-
-    path: Path | None = None
-    env: str | None = None
-
-    def __str__(self) -> str:
-        return f"env:{self.env}" if self.env else str(self.path)
-
-
-@dataclass(frozen=True, slots=True)
-class ServerConfig:
-    cert: PemSource
-    key: PemSource
-    client_ca: PemSource
-    listen: Address = Address("0.0.0.0", 8443)
-    crl: PemSource | None = None
-    tls_versions: tuple[str, ...] = ("1.2", "1.3")
-    ciphers: str = DEFAULT_CIPHERS
-    verify_depth: int = 2
-    max_body_bytes: int = 10 * 1024 * 1024
-    proxy_protocol: bool = False
-    proxy_protocol_timeout: float = 3.0
-    handshake_timeout: float = 10.0
-    header_timeout: float = 10.0
-    idle_timeout: float = 60.0
-    max_connections: int = 10000
-    workers: int = 1
-    shutdown_timeout: float = 25.0
-    reload_interval: float = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamConfig:
-    url: str
-    scheme: str
-    host: str  # Host header, SNI and the name the certificate is verified against
-    port: int
-    base_path: str  # prefix of every forwarded path, without trailing slash ("" for none)
-    connect_to: Address | None = None
-    api_id: str | None = None
-    ca_bundle: PemSource | None = None
-    verify: bool = True
-    connect_timeout: float = 5.0
-    read_timeout: float = 30.0
-    pool_max_idle: int = 64
-    pool_idle_timeout: float = 30.0
-
-    @property
-    def host_header(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6 literal: RFC 3986 section 3.2.2
-        return host if self.port == 443 else f"{host}:{self.port}"  # the URL is always https (checked at load)
-
-    @property
-    def dial(self) -> Address:
-        return self.connect_to or Address(self.host, self.port)
-
-
-@dataclass(frozen=True, slots=True)
-class AdminConfig:
-    listen: Address = Address("127.0.0.1", 9100)
-
-
-@dataclass(frozen=True, slots=True)
-class LogConfig:
-    access: bool = True
-    level: str = "info"
-
-
-@dataclass(frozen=True, slots=True)
-class AllowRule:
-    name: str
-    subject_cn: tuple[str, ...] = ()
-    san_dns: tuple[str, ...] = ()
-    san_uri: tuple[str, ...] = ()
-    fingerprint_sha256: tuple[str, ...] = ()
-    source_vpce: tuple[str, ...] = ()
-    methods: tuple[str, ...] = ()
-    paths: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    server: ServerConfig
-    upstream: UpstreamConfig
-    admin: AdminConfig = AdminConfig()
-    log: LogConfig = LogConfig()
-    allow: tuple[AllowRule, ...] = ()
-    allow_all_verified: bool = False
-    source: str = "<defaults>"
-    # Files the running proxy watches for hot reload (the config file itself and every file-based PEM source).
-    watched_files: tuple[Path, ...] = field(default=(), compare=False)
-
 
 # --- schema --------------------------------------------------------------------------------------------------
 # Raw key types; the section tables below drive both TOML and environment parsing.
@@ -173,9 +68,6 @@ _REQUIRED = {"server": ("cert", "key", "client_ca"), "upstream": ("url",)}
 
 _PLACEHOLDERS: dict[str, Any] = {"cert": PemSource(Path("-")), "key": PemSource(Path("-")),
                                  "client_ca": PemSource(Path("-")), "url": "https://invalid"}
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_API_ID = re.compile(r"[a-z0-9]{1,64}")
-_VPCE = re.compile(r"vpce-[0-9a-f]{1,32}")
 _LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -193,20 +85,6 @@ class _Collector:
 def _printable(key: str) -> str:
     # TOML allows any quoted key ("a\nb"); echoed raw it would break "one line per problem".
     return key if key.isprintable() else repr(key)
-
-
-def _parse_address(text: str) -> Address:
-    """``host:port`` or ``[v6]:port``; the host may be a name or an IP literal."""
-    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]\s]+):(\d{1,5})", text)
-    if not m:
-        raise ValueError(f"expected host:port or [ipv6]:port, got {text!r}")
-    host = m.group(1) or m.group(3)
-    port = int(m.group(2) or m.group(4))
-    if m.group(1):
-        ipaddress.IPv6Address(host)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port {port} out of range")
-    return Address(host, port)
 
 
 def _convert(kind: str, value: Any, base_dir: Path | None, from_env: bool) -> Any:
@@ -236,7 +114,7 @@ def _convert(kind: str, value: Any, base_dir: Path | None, from_env: bool) -> An
     if kind == _ADDR:
         if not isinstance(value, str):
             raise ValueError("expected a \"host:port\" string")
-        return _parse_address(value)
+        return values.parse_address(value)
     if kind == _PEM:
         if not isinstance(value, str) or not value:
             raise ValueError("expected a file path or env:NAME")
@@ -337,7 +215,7 @@ def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None 
     c = _Collector()
     doc: dict[str, Any] = {}
     base_dir: Path | None = None
-    source = "<environment>"
+    source = ENVIRONMENT
     if path is not None:
         p = Path(path)
         source = str(p)
@@ -446,19 +324,9 @@ def _build(values: dict[str, dict[str, Any]], top: dict[str, Any], rules: tuple[
             c.add(src_key, f"environment variable {src.env} is not set")
 
     allow_all = top.get("allow_all_verified", False)
-    names = set()
+    names: set[str] = set()
     for i, rule in enumerate(rules):
-        if rule.name in names:
-            c.add(f"{rules_key}[{i}].name", f"duplicate rule name {rule.name!r}")
-        names.add(rule.name)
-        if rule.source_vpce and not server.proxy_protocol:
-            c.add(f"{rules_key}[{i}].source_vpce", "needs server.proxy_protocol = true (the id arrives in PROXY v2)")
-        for j, v in enumerate(rule.source_vpce):
-            if not _VPCE.fullmatch(v):
-                c.add(f"{rules_key}[{i}].source_vpce[{j}]", f"not a VPC endpoint id: {v!r}")
-        for j, m in enumerate(rule.methods):
-            if not _TOKEN.fullmatch(m) or m != m.upper():
-                c.add(f"{rules_key}[{i}].methods[{j}]", f"not an uppercase HTTP method: {m!r}")
+        _check_rule(c, f"{rules_key}[{i}]", rule, names, server.proxy_protocol)
     # Rules that were given but are broken already have their lines; "no rules" would be a second one.
     broken = any(e.key.split("[")[0] in (rules_key, f"{ENV_PREFIX}ALLOW") for e in c.errors)
     if not rules and not allow_all and not broken:
@@ -469,51 +337,22 @@ def _build(values: dict[str, dict[str, Any]], top: dict[str, Any], rules: tuple[
     watched = tuple(sorted({src.path for src in (server.cert, server.key, server.client_ca, server.crl,
                                                 upstream.ca_bundle)
                             if src is not None and src.path is not None}))
-    if source not in ("<environment>", "<defaults>"):
+    if source not in (ENVIRONMENT, DEFAULTS):
         watched = (Path(source).resolve(), *watched)
     return Config(server=server, upstream=upstream, admin=admin, log=log, allow=rules,
                   allow_all_verified=allow_all, source=source, watched_files=watched)
 
 
-# RFC 1123 section 2.1 host names: the upstream host is sent as Host and SNI, so it must be plain ASCII.
-_HOSTNAME = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-
-
-def _parse_url(url: str, c: _Collector) -> tuple[str, int, str] | None:
-    """(host, port, base path) of ``upstream.url``, or None after adding the problem."""
-    shown = re.sub(r"(?<=//)[^/?#]*@", "***@", url)  # never echo a password into logs
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:  # bad port, or an unbalanced "[" (urlsplit raises for both)
-        c.add("upstream.url", f"{exc} in {shown!r}")
-        return None
-    if parts.scheme != "https":
-        c.add("upstream.url", f"must be an https:// URL (upstream TLS is always used), got {shown!r}")
-        return None
-    if not parts.hostname or "@" in parts.netloc or "?" in url or "#" in url:
-        c.add("upstream.url", "must be https://host[:port][/base-path] without credentials, query or fragment")
-        return None
-    host = parts.hostname
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        if not _HOSTNAME.fullmatch(host):
-            c.add("upstream.url", f"host {host!r} is not an ASCII DNS name or IP address")
-            return None
-    base_path = parts.path.rstrip("/")
-    if base_path and (not re.fullmatch(r"(/[A-Za-z0-9\-._~%!$&'()*+,;=:@]+)+", base_path)):
-        c.add("upstream.url", f"bad base path {parts.path!r}")
-        return None
-    return host, port or 443, base_path
-
-
 def _build_upstream(u: dict[str, Any], c: _Collector) -> UpstreamConfig | None:
     url = u.pop("url")
-    target = _parse_url(url, c)
+    try:
+        target: tuple[str, int, str] | None = values.parse_url(url)
+    except ValueError as exc:
+        c.add("upstream.url", str(exc))
+        target = None
     host, port, base_path = target or ("invalid", 443, "")  # placeholder: still check the other upstream keys
     up = UpstreamConfig(url=url, scheme="https", host=host, port=port, base_path=base_path, **u)
-    if up.api_id is not None and not _API_ID.fullmatch(up.api_id):
+    if up.api_id is not None and not values.API_ID.fullmatch(up.api_id):
         c.add("upstream.api_id", f"not an API Gateway id (lowercase letters and digits): {up.api_id!r}")
     _check_range(c, "upstream.connect_timeout", up.connect_timeout, 0.01, 3600)
     _check_range(c, "upstream.read_timeout", up.read_timeout, 0.01, 86400)
@@ -522,6 +361,21 @@ def _build_upstream(u: dict[str, Any], c: _Collector) -> UpstreamConfig | None:
     return up if target else None
 
 
-def replace(cfg: Config, **changes: Any) -> Config:
-    """A modified copy (tests and the supervisor use it); the original is never changed."""
-    return dataclasses.replace(cfg, **changes)
+def _check_rule(c: _Collector, key: str, rule: AllowRule, names: set[str], proxy_protocol: bool) -> None:
+    """Everything the policy would refuse, each under its own key (the policy compiles with the same checks)."""
+    problem = values.check_rule_name(rule.name)
+    if problem is not None:
+        c.add(f"{key}.name", problem)
+    elif rule.name in names:
+        c.add(f"{key}.name", f"duplicate rule name {rule.name!r}")
+    names.add(rule.name)
+    problem = values.missing_identity({f: getattr(rule, f) for f in values.IDENTITY_FIELDS})
+    if problem is not None:
+        c.add(key, problem)
+    if rule.source_vpce and not proxy_protocol:
+        c.add(f"{key}.source_vpce", "needs server.proxy_protocol = true (the id arrives in PROXY v2)")
+    for name, check in values.RULE_FIELDS.items():
+        for j, value in enumerate(getattr(rule, name)):
+            problem = "must not be empty" if not value else check(value)[0]
+            if problem is not None:
+                c.add(f"{key}.{name}[{j}]", problem)

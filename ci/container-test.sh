@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the mtls-proxy image with podman and run it for real, then run the docker-compose.yml stack the same way.
 #
-#   sudo scripts/container-test.sh          (CI runs it as root through tests/test_container.py)
+#   sudo ci/container-test.sh               (CI runs it as root through tests/test_container.py)
 #
 # No container registry is needed: the base image is made here with debootstrap (Debian bookworm: python3 3.11 +
 # python3-venv) and imported with `podman import`, then passed to the Dockerfile as BASE_IMAGE.  Only Debian's
@@ -14,7 +14,7 @@
 #   4. standalone: `certs init` in a container into a bind mount; the demo upstream and the proxy in two containers
 #      (read-only root, tmpfs /tmp, no capabilities, certificates passed as env:NAME like ECS does); wait for
 #      /readyz; the image's HEALTHCHECK; scripts/smoke.sh; `podman stop -t 30` and exit status 0
-#   5. compose: scripts/compose_podman.py runs docker-compose.yml's services in order (certs, upstream, proxy, then
+#   5. compose: ci/compose_podman.py runs docker-compose.yml's services in order (certs, upstream, proxy, then
 #      smoke in the foreground), runs certs again (it must keep the PKI), checks the proxy refuses TLS 1.3, then
 #      `down` stops every service with SIGTERM and fails unless each exits 0
 #
@@ -80,7 +80,7 @@ if [ -f "$ca_bundle" ]; then
   build_mounts=(-v "$ca_bundle:$ca_bundle:ro")
   compose_opts=(--build-volume "$ca_bundle:$ca_bundle:ro")
 fi
-compose() { "$PYTHON" scripts/compose_podman.py -p "$PROJECT" "${compose_opts[@]}" "$@"; }
+compose() { "$PYTHON" ci/compose_podman.py -p "$PROJECT" "${compose_opts[@]}" "$@"; }
 
 cleanup() {
   local rc=$?
