@@ -28,6 +28,8 @@ import re
 from collections.abc import Hashable, Iterable, Mapping
 from typing import Any
 
+from .config.values import CLOUDWATCH_NAMESPACE
+
 Snapshot = dict[str, Any]
 Document = dict[str, Any]
 
@@ -35,7 +37,6 @@ Document = dict[str, Any]
 MAX_METRICS_PER_DIRECTIVE = 100
 MAX_DIMENSIONS_PER_SET = 30
 MAX_DIMENSION_VALUE = 250  # CloudWatch allows 1024; a longer rule or CA name is cut (and stays one line << PIPE_BUF)
-NAMESPACE = re.compile(r"(?!AWS/)[A-Za-z0-9._#:/-]{1,255}")  # CloudWatch namespace syntax, "AWS/" is reserved
 UNITS = frozenset({
     "Seconds", "Microseconds", "Milliseconds", "Bytes", "Kilobytes", "Megabytes", "Gigabytes", "Terabytes", "Bits",
     "Kilobits", "Megabits", "Gigabits", "Terabits", "Percent", "Count", "Bytes/Second", "Kilobytes/Second",
@@ -114,7 +115,7 @@ class EmfEmitter:
     single server process)."""
 
     def __init__(self, namespace: str) -> None:
-        if not NAMESPACE.fullmatch(namespace):
+        if not CLOUDWATCH_NAMESPACE.fullmatch(namespace):
             raise ValueError(f"not a CloudWatch namespace: {namespace!r}")
         self.namespace = namespace
         self._previous: dict[Hashable, dict[Series, float]] = {}

@@ -21,6 +21,7 @@ from .model import (
     AllowRule,
     Config,
     LogConfig,
+    MetricsConfig,
     PemSource,
     ServerConfig,
     UpstreamConfig,
@@ -28,4 +29,4 @@ from .model import (
 )
 
 __all__ = ["DEFAULTS", "DEFAULT_CIPHERS", "ENVIRONMENT", "ENV_PREFIX", "Address", "AdminConfig", "AllowRule", "Config",
-           "LogConfig", "PemSource", "ServerConfig", "UpstreamConfig", "load", "replace"]
+           "LogConfig", "MetricsConfig", "PemSource", "ServerConfig", "UpstreamConfig", "load", "replace"]
