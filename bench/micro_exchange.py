@@ -6,6 +6,9 @@ figure is the proxy's own per-request work.  Deterministic enough for callgrind:
 
     python bench/micro_exchange.py 20000                 # µs per exchange
     valgrind --tool=callgrind python bench/micro_exchange.py 2000   # instructions
+
+RATE=1 in the environment gives the rule a rate limit no exchange reaches (the bucket is taken every time);
+CERT_HEADER=1 adds RFC 9440 Client-Cert and Client-Cert-Chain lines the size of a real leaf and intermediate.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from proxy.identity import Identity  # noqa: E402
 from proxy.metrics import Metrics  # noqa: E402
 from proxy.policy import Policy  # noqa: E402
 from proxy.accesslog import connection_prefix  # noqa: E402
+from proxy.client_cert import rfc9440_lines  # noqa: E402
+from proxy.partners import Partners, limits_of  # noqa: E402
 
 REQUEST = (b"GET /orders/123?x=1 HTTP/1.1\r\nHost: localhost:18444\r\nUser-Agent: wrk\r\nAccept: */*\r\n"
            b"X-Request-Id: abc\r\n\r\n")
@@ -81,6 +86,7 @@ class FakeServer:
         self.base_path = b"/prod"
         self.pool = UpstreamPool(loop, cfg.upstream, None)  # type: ignore[arg-type]
         self.access_log = AccessLog(loop, log_fd)
+        self.partners = Partners(time.monotonic_ns, time.time)
 
     def connection_opened(self, c: object) -> None:
         pass
@@ -98,11 +104,16 @@ async def main(n: int) -> None:
     srv = FakeServer(loop, cfg, None if os.environ.get("NOLOG") else os.open(os.devnull, os.O_WRONLY))
     ident = Identity(subject="CN=client-a,O=partner", common_names=("client-a",), san_dns=(), san_uri=(),
                      serial="1A2B", fingerprint="ab" * 32, not_after=2e9,
-                     xfcc='Hash=' + "ab" * 32 + ';Subject="CN=client-a,O=partner"')
-    policy = Policy.compile((AllowRule(name="partner-a", subject_cn=("client-a",), paths=("/orders/**",)),), False)
+                     xfcc='Hash=' + "ab" * 32 + ';Subject="CN=client-a,O=partner"', thumbprint="q" * 43)
+    limited = bool(os.environ.get("RATE"))  # a limit no exchange of this run reaches: the bucket is taken each time
+    rule = AllowRule(name="partner-a", subject_cn=("client-a",), paths=("/orders/**",),
+                     rate_limit=1e6 if limited else None, burst=10**6 if limited else None)
+    policy = Policy.compile((rule,), False)
+    cert_lines = rfc9440_lines(b"L" * 700, (b"I" * 650,)) if os.environ.get("CERT_HEADER") else b""
     peer = Peer(ident, policy.for_connection(ident, None),
-                connection_block(upstream_block(cfg.upstream), ident, "10.0.0.1", None),
-                connection_prefix("10.0.0.1", None, ident.subject, ident.fingerprint), "10.0.0.1", None)
+                connection_block(upstream_block(cfg.upstream), ident, "10.0.0.1", None, cert_lines),
+                connection_prefix("10.0.0.1", None, ident.subject, ident.fingerprint), "10.0.0.1", None,
+                limits_of([rule]))
     conn = ClientConnection(srv, peer)  # type: ignore[arg-type]
     ct = MemTransport()
     conn.connection_made(ct)  # type: ignore[arg-type]

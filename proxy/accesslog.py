@@ -95,14 +95,6 @@ class AccessLog:
             self._json[value] = encoded
         return encoded
 
-    def _time(self) -> str:
-        ms = int(time.time() * 1000)
-        sec = ms // 1000
-        if sec != self._second:  # format the date part once per second
-            self._second = sec
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
-        return self._stamp + _MILLIS[ms - sec * 1000]
-
     def write(self, prefix: str, rule: str | None, method: str, target: bytes, status: int, bytes_in: int,
               bytes_out: int, duration: float, upstream: float | None, error: str | None,
               upstream_aborted: bool = False) -> None:
@@ -118,7 +110,14 @@ class AccessLog:
         error_j = js.get(error) or self._encode(error)
         path = target.decode("ascii", "replace")
         path_j = json.dumps(path) if ('"' in path or "\\" in path) else f'"{path}"'
-        line = (f'{{"time":"{self._time()}",{prefix},"rule":{rule_j},"method":"{method}","path":{path_j},'
+        # The timestamp (UTC, ms): the date part is formatted once per second (inline: once per request).
+        ms = int(time.time() * 1000)
+        sec = ms // 1000
+        if sec != self._second:
+            self._second = sec
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
+        line = (f'{{"time":"{self._stamp}{_MILLIS[ms - sec * 1000]}",{prefix},"rule":{rule_j},"method":"{method}",'
+                f'"path":{path_j},'
                 f'"status":{status},"bytes_in":{bytes_in},"bytes_out":{bytes_out},'
                 f'"duration_ms":{duration * 1000:.3f},'
                 f'"upstream_ms":{"null" if upstream is None else f"{upstream * 1000:.3f}"},"error":{error_j}}}\n')

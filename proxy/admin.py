@@ -1,9 +1,10 @@
-"""The plain-HTTP admin port: ``/healthz``, ``/readyz``, ``/metrics``.
+"""The plain-HTTP admin port: ``/healthz``, ``/readyz``, ``/metrics``, ``/certs``.
 
 Owns: serving liveness (the event loop answered), readiness (listening with certificates loaded and not
 draining; never dependent on the upstream, so an API outage cannot take every task out of the NLB), and
 Prometheus metrics (text format, or OpenMetrics when the scraper asks for it) from an injected source of
-snapshots on a private registry.
+snapshots on a private registry, and the client certificates each allow rule let in (JSON, from an injected
+source: proxy.cert_tracker's report).
 
 NLB health checks to this port carry a PROXY protocol v2 header when the target group has it enabled, so with
 ``proxy_protocol`` an optional v2 header at the start of a connection is read and dropped (its 12-byte signature
@@ -21,8 +22,9 @@ address).
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import http1
 from . import proxy_protocol as pp
@@ -122,6 +124,9 @@ class _AdminConnection(asyncio.Protocol):
 
             encoder, content_type = choose_encoder(accept)
             self._respond(200, encoder(admin.registry), close, content_type=content_type, head_only=head_only)
+        elif req.path == "/certs":
+            body = json.dumps(admin.certs(), indent=1).encode() + b"\n"
+            self._respond(200, body, close, content_type="application/json", head_only=head_only)
         else:
             self._respond(404, b"not found\n", close, head_only=head_only)
 
@@ -144,9 +149,10 @@ class AdminServer:
         return self._registry
 
     def __init__(self, listen: Address, *, ready: Callable[[], bool], snapshots: Callable[[], list[Snapshot]],
-                 proxy_protocol: bool = False) -> None:
+                 certs: Callable[[], dict[str, Any]] | None = None, proxy_protocol: bool = False) -> None:
         self.listen = listen
         self.ready = ready
+        self.certs = certs or (lambda: {"cap": 0, "dropped": 0, "rules": {}})
         self._snapshots = snapshots
         self._registry: CollectorRegistry | None = None
         self.proxy_protocol = proxy_protocol

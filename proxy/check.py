@@ -1,7 +1,9 @@
 """``mtls-proxy check``: validate a configuration and everything it names, and warn about weak settings.
 
 Owns: the list of warnings (exit status stays 0): TLS 1.2 suites without AEAD (CBC) or with 3DES, upstream
-verification off, ``allow_all_verified``, certificates or CRLs that expire within 30 days, CRL coverage (with
+verification off, ``allow_all_verified``, ``identity.client_cert_header`` (its size cost), client CA names over
+16 KB, certificates that
+expire within 30 days, CRLs whose nextUpdate is within ``server.crl_warn_days``, CRL coverage (with
 ``crl`` set, OpenSSL refuses every client whose issuing CA has no CRL in the file), and OpenSSL fast paths this
 Python cannot use (``proxy.openssl``: the proxy works without them, with more CPU per request).
 
@@ -15,13 +17,16 @@ import ssl
 
 from cryptography import x509
 
-from . import openssl
+from . import openssl, tls
 from .config import Config, load
 from .errors import ConfigErrors
 from .runtime import build_runtime
 from .tls import CertFact, expiring, load_crls, read_pem
 
 WARN_DAYS = 30
+
+
+CA_NAMES_WARN_BYTES = 16 * 1024
 
 
 def check(path: str | None) -> tuple[list[str], list[str]]:
@@ -41,7 +46,18 @@ def check(path: str | None) -> tuple[list[str], list[str]]:
     if cfg.allow_all_verified:
         warnings.append("allow_all_verified: true: every client with a certificate from server.client_ca is "
                         "allowed, on every method and path")
-    warnings += _expiry_warnings(rt.facts)
+    if cfg.identity.client_cert_header:
+        warnings.append("identity.client_cert_header: true: every request carries the client certificate and the "
+                        "intermediates it sent (Client-Cert, Client-Cert-Chain: base64, 4/3 of their DER size, often "
+                        "1-4 KB); API Gateway refuses a request line plus headers over 10240 bytes, so a request the "
+                        "certificate pushes past that is refused by the proxy with 431 identity_too_large")
+    names = tls.client_ca_names_size(cfg.server)
+    if names > CA_NAMES_WARN_BYTES:
+        warnings.append(f"server.client_ca: the client CA names sent in every handshake take {names} bytes (over "
+                        f"{CA_NAMES_WARN_BYTES // 1024} KB); Java clients refuse handshake messages over 32768 bytes "
+                        f"by default (jdk.tls.maxHandshakeMessageSize); fewer CAs or server.send_client_ca_names = "
+                        f"false avoid it")
+    warnings += _expiry_warnings(rt.facts, cfg.server.crl_warn_days)
     warnings += _crl_coverage(cfg)
     warnings += [f"openssl: fast path {name} {state}" for name, state in
                  openssl.fast_paths(rt.server_context, rt.upstream_context).items() if state != "on"]
@@ -70,10 +86,13 @@ def _label_key(fact: CertFact) -> str:
     return {"server": "server.cert", "client_ca": f"server.client_ca ({name})", "crl": f"server.crl ({name})"}[kind]
 
 
-def _expiry_warnings(facts: list[CertFact]) -> list[str]:
+def _expiry_warnings(facts: list[CertFact], crl_warn_days: float) -> list[str]:
     now = dt.datetime.now(dt.timezone.utc).timestamp()
     out = []
-    for f in expiring(facts, WARN_DAYS, now):
+    # A CRL is reissued every few days (a week's validity is common), so it has its own, shorter horizon.
+    crls = [f for f in facts if f.label.startswith("crl:")]
+    certs = [f for f in facts if not f.label.startswith("crl:")]
+    for f in expiring(certs, WARN_DAYS, now) + expiring(crls, crl_warn_days, now):
         when = dt.datetime.fromtimestamp(f.not_after, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         what = "next update" if f.label.startswith("crl:") else "expiry"
         if f.not_after <= now:

@@ -9,7 +9,12 @@ access-log line and the request metrics.
 Per-connection facts (identity, the header block added to every request, the policy pre-filtered for this
 certificate, the access-log prefix) are computed once in ``Peer`` before the first byte is read.
 
-Guarantees: a refused request is never forwarded (policy and size checks run before any upstream write); if the
+Per request, after the policy allows it: the head-size check against API Gateway's limit (431
+``identity_too_large`` when what the proxy adds is what pushes it over) and the partner gate (``proxy.partners``: one
+dict lookup; the rule's rate limit, 429 with ``Retry-After``; the certificate recorded for ``/certs`` the first
+time a rule allows a request on this connection).
+
+Guarantees: a refused request is never forwarded (policy, size and rate checks run before any upstream write); if the
 upstream fails after the response started, the client connection is reset rather than finished, so a truncated
 body can never look complete; a request is retried only when nothing of it can have been processed (idempotent
 method, no body, a reused connection that returned nothing).
@@ -28,7 +33,8 @@ import asyncio
 import json
 import logging
 from time import perf_counter
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import http1
@@ -36,20 +42,25 @@ from .deadline import Deadline
 from .errors import (
     BadRequest,
     Forbidden,
+    IdentityTooLarge,
     PayloadTooLarge,
     ProxyError,
     RequestTimeout,
+    TooManyRequests,
     UpstreamError,
 )
 from .headers import CHUNKED_LINE, CLOSE_LINE, KEEP_ALIVE_LINE, SPOOFABLE, request_head, response_head
 from .identity import Identity
 from .policy import ConnectionPolicy, normalize_path
+from .partners import FIRST
+from .ratelimit import retry_after_seconds
 
 log = logging.getLogger("mtls_proxy")
 
 if TYPE_CHECKING:
     from .forward import UpstreamConnection
     from .http1 import RequestHead, ResponseHead
+    from .partners import Limit
     from .server import ProxyServer
     from .slots import Slot
 
@@ -57,6 +68,10 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 PIPELINE_LIMIT = http1.MAX_HEAD  # buffered bytes of a pipelined next request before reading pauses
 PENDING_LIMIT = 1024 * 1024  # body bytes held while the upstream connection is being dialled
+# API Gateway's quota on "the total combined size of request line and header values".  Counted here as the whole
+# head the proxy sends (names, CRLFs and the blank line too): a little more than the gateway counts, so the proxy
+# never forwards a request the gateway would refuse for size because of what the proxy added.
+GATEWAY_HEAD_LIMIT = 10240
 
 _HEAD, _BODY, _WAIT, _CLOSED = range(4)
 _F_NONE, _F_RAW, _F_CHUNK, _F_CLOSE = range(4)  # response framing toward the client
@@ -72,6 +87,11 @@ class Peer:
     log_prefix: str
     client_addr: str
     vpce_id: str | None
+    limits: Mapping[str, Limit] = field(default_factory=dict)  # [[allow]] rate limits of this snapshot
+
+    @property
+    def added(self) -> int:
+        return len(self.block)
 
 
 class ClientConnection(asyncio.Protocol):
@@ -79,6 +99,7 @@ class ClientConnection(asyncio.Protocol):
         self.srv = server
         self.peer = peer
         self.slot = slot
+        self.gate = server.partners.gate(peer.identity, peer.limits)
         self.loop = server.loop
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.state = _HEAD
@@ -186,6 +207,14 @@ class ClientConnection(asyncio.Protocol):
 
     # -- request head ---------------------------------------------------------------------------------------
     def _head(self, data: bytes) -> None:
+        if not self.buf and data and data[0] != 13:
+            # The usual case: a whole head in one read, no empty lines (CR LF) before it.  The same search
+            # http1.find_head_end makes (the first blank line, within MAX_HEAD); what it would raise for is only
+            # possible while the head is incomplete.  (bytes.find with bounds costs more than the compare.)
+            end = data.find(b"\r\n\r\n")
+            if 0 <= end <= http1.MAX_HEAD:
+                self._start(data[:end + 4], data[end + 4:])
+                return
         # Empty lines before a request line (RFC 9112 §2.2) do not start the head: only its first real byte
         # starts the header timeout, or a client could trickle behind one CRLF for the whole idle_timeout.
         first = not self.buf.strip(b"\r\n")
@@ -233,6 +262,22 @@ class ClientConnection(asyncio.Protocol):
         if srv.base_path:
             target = srv.base_path + target
         head_out = request_head(req.method, target, req.fields, self.peer.block, req.chunked)
+        size = len(head_out)
+        if size > GATEWAY_HEAD_LIMIT and size - self.peer.added <= GATEWAY_HEAD_LIMIT:
+            self.buf = rest
+            self._refuse(IdentityTooLarge(
+                f"with the {self.peer.added} bytes of client certificate and identity headers this proxy adds, the "
+                f"request line and headers would be {size} bytes, over API Gateway's limit of {GATEWAY_HEAD_LIMIT}"),
+                close=req.has_body or not req.keep_alive)
+            return
+        gate = self.gate
+        state = gate.rules.get(decision.rule, FIRST)  # type: ignore[arg-type]  # an allowed decision names its rule
+        if state is not None and (wait := gate.admit(decision.rule, state)):  # type: ignore[arg-type]
+            srv.metrics.bump(srv.metrics.denied, "rate_limited")
+            self.buf = rest
+            self._refuse(TooManyRequests(f"rate limit of rule {decision.rule!r} exceeded for this client certificate",
+                                         retry_after_seconds(wait)), close=req.has_body or not req.keep_alive)
+            return
         after: bytes | None = None  # the bytes behind a body that is complete in ``rest``
         if req.has_body:
             self.state = _BODY
@@ -513,13 +558,15 @@ class ClientConnection(asyncio.Protocol):
     # -- responses the proxy writes itself: the one error-to-status mapping ------------------------------
     def _error_response(self, exc: ProxyError, close: bool) -> bytes:
         body: dict[str, object] = {"error": exc.code, "message": exc.detail}
-        if isinstance(exc, Forbidden):
+        if isinstance(exc, (Forbidden, TooManyRequests)):
             body["reason"] = exc.reason
             body["subject"] = self.peer.identity.subject
             body["fingerprint"] = self.peer.identity.fingerprint
         payload = json.dumps(body).encode()
         head = (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
                 % (exc.status, _REASONS.get(exc.status, b"Error"), len(payload)))
+        if isinstance(exc, TooManyRequests):
+            head += b"Retry-After: %d\r\n" % exc.retry_after
         if close:
             head += CLOSE_LINE
         return head + b"\r\n" + payload
@@ -652,6 +699,7 @@ def _has_dot_segment(path: str) -> bool:
 
 
 _REASONS = {400: b"Bad Request", 403: b"Forbidden", 408: b"Request Timeout", 413: b"Content Too Large",
-            414: b"URI Too Long", 417: b"Expectation Failed", 431: b"Request Header Fields Too Large",
+            414: b"URI Too Long", 417: b"Expectation Failed", 429: b"Too Many Requests",
+            431: b"Request Header Fields Too Large",
             499: b"Client Closed Request", 501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable",
             504: b"Gateway Timeout", 505: b"HTTP Version Not Supported"}

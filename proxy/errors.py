@@ -34,6 +34,23 @@ class Forbidden(ProxyError):
         self.reason = reason
 
 
+class TooManyRequests(ProxyError):
+    """A partner's ``[[allow]] rate_limit`` is used up; ``retry_after`` is whole seconds (RFC 9110 §10.2.3)."""
+
+    status, code, reason = 429, "too_many_requests", "rate_limited"
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+class IdentityTooLarge(ProxyError):
+    """The headers the proxy adds (the client certificate above all) would push the request past API Gateway's
+    limit on the request line plus headers: refused here, with a reason, instead of by the gateway."""
+
+    status, code = 431, "identity_too_large"
+
+
 class RequestTimeout(ProxyError):
     status, code = 408, "request_timeout"
 

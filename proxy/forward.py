@@ -117,8 +117,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _head(self, ex: Exchange, data: bytes) -> None:
         buf = self._buf + data if self._buf else data
-        end = buf.find(b"\r\n\r\n", 0, http1.MAX_HEAD + 4)
-        if end < 0:
+        end = buf.find(b"\r\n\r\n")  # (bytes.find with bounds costs more than the compare below)
+        if end < 0 or end > http1.MAX_HEAD:
             if len(buf) > http1.MAX_HEAD:
                 self._error(UpstreamProtocolError("response head too large"))
             else:

@@ -1,8 +1,9 @@
 """Header rewriting for both directions, as pure functions on bytes.
 
 Owns: the list of identity headers a client must never be able to set (removed from every request before the
-proxy adds its own), the per-connection block of identity and forwarding headers, and assembling request and
-response heads from the parser's raw lines.
+proxy adds its own), the per-connection block of identity and forwarding headers (with the RFC 8705 thumbprint and,
+when configured, the RFC 9440 lines ``proxy.client_cert`` formats), and assembling request and response heads from
+the parser's raw lines.
 
 Per-connection work happens once: ``connection_block`` is built when the TLS handshake completes and reused for
 every request on that connection; per request only the request line and the kept lines are joined.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from .client_cert import CLIENT_CERT_NAMES
 
 class Upstream(Protocol):
     """What the upstream block needs of ``proxy.config.UpstreamConfig``."""
@@ -33,6 +35,8 @@ class CertIdentity(Protocol):
     @property
     def fingerprint(self) -> str: ...
     @property
+    def thumbprint(self) -> str: ...
+    @property
     def serial(self) -> str: ...
     @property
     def xfcc(self) -> str: ...
@@ -44,7 +48,8 @@ SPOOFABLE = frozenset({
     b"x-client-cert-subject", b"x-client-cert-fingerprint", b"x-client-cert-serial",
     b"x-forwarded-client-cert", b"x-forwarded-for", b"x-forwarded-proto", b"x-client-vpce-id",
     b"x-apigw-api-id", b"forwarded", b"x-real-ip", b"x-forwarded-host", b"x-forwarded-port",
-})
+}) | CLIENT_CERT_NAMES  # RFC 9440 Client-Cert, Client-Cert-Chain and the RFC 8705 thumbprint: removed whatever
+#                        the configuration (RFC 9440 §2.4: a client must never be able to supply them)
 
 
 def upstream_block(upstream: Upstream) -> bytes:
@@ -55,12 +60,17 @@ def upstream_block(upstream: Upstream) -> bytes:
     return out
 
 
-def connection_block(upstream: bytes, identity: CertIdentity, client_addr: str, vpce_id: str | None) -> bytes:
-    """Every header the proxy adds to each request of one connection, as one CRLF-terminated block."""
+def connection_block(upstream: bytes, identity: CertIdentity, client_addr: str, vpce_id: str | None,
+                     cert_lines: bytes = b"") -> bytes:
+    """Every header the proxy adds to each request of one connection, as one CRLF-terminated block.
+
+    ``cert_lines``: the RFC 9440 lines (``client_cert.rfc9440_lines``) when ``identity.client_cert_header`` is on.
+    """
     lines = [
         upstream,
         b"X-Client-Cert-Subject: ", identity.subject.encode("ascii"), b"\r\n",
         b"X-Client-Cert-Fingerprint: ", identity.fingerprint.encode("ascii"), b"\r\n",
+        b"X-Client-Cert-Thumbprint: ", identity.thumbprint.encode("ascii"), b"\r\n",
         b"X-Client-Cert-Serial: ", identity.serial.encode("ascii"), b"\r\n",
         b"X-Forwarded-Client-Cert: ", identity.xfcc.encode("ascii"), b"\r\n",
         b"X-Forwarded-For: ", client_addr.encode("ascii"), b"\r\n",
@@ -68,6 +78,7 @@ def connection_block(upstream: bytes, identity: CertIdentity, client_addr: str, 
     ]
     if vpce_id:
         lines += [b"X-Client-Vpce-Id: ", vpce_id.encode("ascii"), b"\r\n"]
+    lines.append(cert_lines)
     return b"".join(lines)
 
 

@@ -1,8 +1,8 @@
 """Client certificate -> frozen :class:`Identity` (parsed once per TLS connection).
 
 Owns: turning the DER bytes of an already *verified* client certificate into the values the policy matches
-on (CNs, DNS/URI SANs, SHA-256 fingerprint) and the two strings that leave the process (``subject`` and
-``xfcc``), made safe for HTTP header values and JSON logs.
+on (CNs, DNS/URI SANs, SHA-256 fingerprint), the RFC 8705 thumbprint, and the two strings that leave the process
+(``subject`` and ``xfcc``), made safe for HTTP header values and JSON logs.
 Must not: do IO, verify chains or dates (OpenSSL did that in the handshake), or decide access (policy.py).
 
 Certificates come from partners and may be hostile, so every string that can leave the process is reduced to
@@ -52,6 +52,8 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from .client_cert import x5t_s256_of_digest
+
 __all__ = ["Identity", "IdentityError", "escape_rfc4514", "parse_identity"]
 
 
@@ -70,6 +72,7 @@ class Identity:
     not_after: float  # POSIX timestamp
     xfcc: str  # Envoy x-forwarded-client-cert element, header-safe
     san_parse_failed: bool = False  # extensions unparseable: SANs dropped (fails closed)
+    thumbprint: str = ""  # RFC 8705 x5t#S256: base64url SHA-256 of the DER, no padding (header-safe)
 
 
 # Anything outside printable ASCII (0x20-0x7E). Compiled patterns are immutable, not mutable global state.
@@ -157,7 +160,8 @@ def parse_identity(der: bytes) -> Identity:
     if not all(isinstance(cn, str) for cn in common_names):
         raise IdentityError("client certificate CN is not a string")
     san_dns, san_uri, san_parse_failed = _sans(cert)
-    fingerprint = hashlib.sha256(der).hexdigest()
+    digest = hashlib.sha256(der).digest()
+    fingerprint = digest.hex()
     subject = escape_rfc4514(raw_subject)
     return Identity(
         subject=subject,
@@ -169,4 +173,5 @@ def parse_identity(der: bytes) -> Identity:
         not_after=not_after,
         xfcc=_xfcc(fingerprint, subject, san_uri, san_dns),
         san_parse_failed=san_parse_failed,
+        thumbprint=x5t_s256_of_digest(digest),
     )

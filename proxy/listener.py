@@ -27,7 +27,7 @@ from . import proxy_protocol as pp
 from .connection import ClientConnection
 from .identity import IdentityError
 from .slots import Slot
-from .tls import handshake_failure_detail, handshake_failure_reason
+from .tls import handshake_failure_detail, handshake_failure_reason, peer_chains
 from .transport import TLSTransport, abort_socket
 
 if TYPE_CHECKING:
@@ -308,7 +308,8 @@ class Incoming:
         srv = self.srv
         sock: ssl.SSLSocket = self.sock  # type: ignore[assignment]
         try:
-            peer = self.rt.peer(sock.getpeercert(binary_form=True), self.client_addr, self.vpce_id)
+            chains = peer_chains(sock) if self.rt.cfg.identity.client_cert_header else None
+            peer = self.rt.peer(sock.getpeercert(binary_form=True), self.client_addr, self.vpce_id, chains)
         except IdentityError as exc:
             # OpenSSL verified it but it cannot be turned into identity headers: refused, and counted.
             srv.metrics.handshake_failures["other"] += 1

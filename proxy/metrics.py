@@ -19,6 +19,7 @@ Must not: do IO, or take labels from client input.
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -36,7 +37,8 @@ DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 HANDSHAKE_REASONS = ("no_cert", "untrusted", "expired", "revoked", "bad_purpose", "protocol", "timeout", "other")
 # The other bounded label sets, exported as zero-valued series from the start: a series that appears only with
 # its first event hides that event from rate()/increase() (Prometheus "Instrumentation: avoid missing metrics").
-DENIED_REASONS = ("no_rule_for_client", "method_not_allowed", "path_not_allowed")  # policy.REASONS - "allowed"
+# policy.REASONS - "allowed", and the rate limit (a 429, not a 403)
+DENIED_REASONS = ("no_rule_for_client", "method_not_allowed", "path_not_allowed", "rate_limited")
 UPSTREAM_ERROR_KINDS = ("connect", "tls", "protocol", "closed", "timeout", "other")  # errors.UpstreamError.kind
 
 Snapshot = dict[str, Any]
@@ -75,22 +77,41 @@ class Metrics:
         self.connections_rejected = 0
         self.log_lines_dropped = 0  # access-log lines the output could not take (proxy.accesslog)
         self.cert_expiry: dict[str, float] = {}
+        # Filled from the partner state when a snapshot is taken (proxy.partners, proxy.cert_tracker):
+        self.client_cert_expiry: dict[str, float] = {}  # rule -> earliest notAfter seen in the last 24 h
+        self.cert_tracking_dropped = 0
+        self.rate_limit_evictions = 0
         self.request_duration = Histogram()
         self.upstream_duration = Histogram()
+        # Set by the server: returns (client_cert_expiry, cert_tracking_dropped, rate_limit_evictions) at snapshot.
+        self.partner_facts: Callable[[], tuple[dict[str, float], int, int]] | None = None
+        # Remote sources (proxy.sources), by config key (a bounded label: never the URL): failed polls, and the
+        # time.monotonic() of the last good read (shown as an age).
+        self.source_errors: dict[str, int] = {}
+        self.source_last_ok: dict[str, float] = {}
 
     def request(self, method: str, status: int, rule: str | None, duration: float, upstream: float | None) -> None:
         key = (method if method in KNOWN_METHODS else "OTHER", _STATUS_LABELS.get(status) or str(status), rule or "")
         req = self.requests
         req[key] = req.get(key, 0) + 1
-        self.request_duration.observe(duration)
+        # Histogram.observe, inlined: this runs once per request, and two Python calls cost more than the update.
+        h = self.request_duration
+        h.counts[bisect_left(h.buckets, duration)] += 1
+        h.total += duration
+        h.count += 1
         if upstream is not None:
-            self.upstream_duration.observe(upstream)
+            h = self.upstream_duration
+            h.counts[bisect_left(h.buckets, upstream)] += 1
+            h.total += upstream
+            h.count += 1
 
     @staticmethod
     def bump(table: dict[str, int], key: str) -> None:
         table[key] = table.get(key, 0) + 1
 
     def snapshot(self) -> Snapshot:
+        if self.partner_facts is not None:
+            self.client_cert_expiry, self.cert_tracking_dropped, self.rate_limit_evictions = self.partner_facts()
         return {
             "requests": [[*k, v] for k, v in self.requests.items()],
             "denied": dict(self.denied),
@@ -103,8 +124,13 @@ class Metrics:
             "connections_rejected": self.connections_rejected,
             "log_lines_dropped": self.log_lines_dropped,
             "cert_expiry": dict(self.cert_expiry),
+            "client_cert_expiry": dict(self.client_cert_expiry),
+            "cert_tracking_dropped": self.cert_tracking_dropped,
+            "rate_limit_evictions": self.rate_limit_evictions,
             "request_duration": _hist_snapshot(self.request_duration),
             "upstream_duration": _hist_snapshot(self.upstream_duration),
+            "source_errors": dict(self.source_errors),
+            "source_age": {k: max(0.0, time.monotonic() - v) for k, v in self.source_last_ok.items()},
         }
 
 
@@ -122,10 +148,16 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
         for key in ("denied", "upstream_errors", "handshake_failures", "reloads", "proxy_protocol_errors"):
             for k, v in snap[key].items():
                 out[key][k] = out[key].get(k, 0) + v
-        for key in ("connections_total", "connections_active", "connections_rejected", "log_lines_dropped"):
+        for key in ("connections_total", "connections_active", "connections_rejected", "log_lines_dropped",
+                    "cert_tracking_dropped", "rate_limit_evictions"):
             out[key] += snap[key]
-        for k, v in snap["cert_expiry"].items():
-            out["cert_expiry"][k] = min(v, out["cert_expiry"].get(k, v))
+        for key in ("cert_expiry", "client_cert_expiry"):
+            for k, v in snap[key].items():
+                out[key][k] = min(v, out[key].get(k, v))
+        for k, v in snap.get("source_errors", {}).items():
+            out["source_errors"][k] = out["source_errors"].get(k, 0) + v
+        for k, v in snap.get("source_age", {}).items():  # the stalest worker's copy is what matters
+            out["source_age"][k] = max(v, out["source_age"].get(k, v))
         for key in ("request_duration", "upstream_duration"):
             h, o = snap[key], out[key]
             o["counts"] = [a + b for a, b in zip(o["counts"], h["counts"])]
@@ -167,8 +199,23 @@ def families(snap: Snapshot) -> Iterator[Metric]:
     yield _labelled(GaugeMetricFamily, "mtls_proxy_cert_expiry_timestamp_seconds",
                     "Expiry (notAfter; for a CRL its nextUpdate) of the loaded server cert, client CAs and CRLs.",
                     "cert", snap["cert_expiry"])
+    yield _labelled(GaugeMetricFamily, "mtls_proxy_client_cert_expiry_timestamp_seconds",
+                    "Earliest notAfter among the client certificates an allow rule let in during the last 24 hours.",
+                    "rule", snap["client_cert_expiry"])
+    yield CounterMetricFamily("mtls_proxy_cert_tracking_dropped",
+                              "Certificates dropped from the /certs table because it was full.",
+                              value=snap["cert_tracking_dropped"])
+    yield CounterMetricFamily("mtls_proxy_rate_limit_evictions",
+                              "Rate-limit buckets dropped before they refilled (the table was full of active clients).",
+                              value=snap["rate_limit_evictions"])
     yield _labelled(CounterMetricFamily, "mtls_proxy_reloads", "Certificate/rule reloads by result.", "result",
                     snap["reloads"])
+    yield _labelled(CounterMetricFamily, "mtls_proxy_source_errors",
+                    "Polls in which a remote source (by config key) could not be read or held refused content.",
+                    "source", snap.get("source_errors", {}))
+    yield _labelled(GaugeMetricFamily, "mtls_proxy_source_age_seconds",
+                    "Seconds since each remote source (by config key) was last read and accepted.", "source",
+                    snap.get("source_age", {}))
     yield _labelled(CounterMetricFamily, "mtls_proxy_proxy_protocol_errors",
                     "Connections closed for a bad PROXY header, by reason.", "reason", snap["proxy_protocol_errors"])
 

@@ -7,11 +7,13 @@ written through it, one small function per capability, and the table of capabili
 start-up log line and ``check`` report.
 
 Why ctypes at all: Python's ``ssl`` has no ``set_verify_depth`` (OpenSSL's default of 100 would accept arbitrarily
-long client chains), no read-ahead switch and no ``SSL_has_pending``.
+long client chains), no way to name the acceptable client CAs in the CertificateRequest (Java's key manager,
+SChannel, browsers and Go pick the client certificate from that list), no client signature algorithm list, no
+read-ahead switch and no ``SSL_has_pending``.
 
 Two kinds of capability:
 
-* **security** (``verify_depth``): without it the proxy would run with a weaker check than configured, so the
+* **security** (``verify_depth``, ``client_ca_names``, ``client_sigalgs``): without it the proxy would run with a weaker check than configured, so the
   function raises ``Unavailable`` and the caller refuses to start, naming the config key.
 * **fast path** (``read_ahead``, ``has_pending``, ``sslobj_io``): without it the proxy does more work but stays
   correct.  Each function answers False/None when it cannot prove what it would touch, and the caller takes the
@@ -35,8 +37,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CAPABILITIES", "Capability", "Unavailable", "enable_read_ahead", "fast_paths", "libssl_path",
-           "pending_function", "probe", "read_ahead_enabled", "set_verify_depth", "sslobj_io"]
+__all__ = ["CAPABILITIES", "Capability", "Unavailable", "client_ca_names_count", "enable_read_ahead", "fast_paths",
+           "libssl_path", "pending_function", "probe", "read_ahead_enabled", "set_client_ca_names",
+           "set_client_sigalgs", "set_verify_depth", "sslobj_io"]
 
 
 class Unavailable(OSError):
@@ -56,11 +59,18 @@ _PROTOTYPES: dict[str, tuple[list[Any], Any]] = {
     "SSL_get_SSL_CTX": ([ctypes.c_void_p], ctypes.c_void_p),
     "SSL_is_server": ([ctypes.c_void_p], ctypes.c_int),
     "SSL_has_pending": ([ctypes.c_void_p], ctypes.c_int),
+    "SSL_CTX_add_client_CA": ([ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int),
+    "SSL_CTX_get_client_CA_list": ([ctypes.c_void_p], ctypes.c_void_p),
+    # libcrypto, reached through the same handle (the dynamic loader searches _ssl's dependencies in order).
+    "OPENSSL_sk_num": ([ctypes.c_void_p], ctypes.c_int),
+    "d2i_X509": ([ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_long], ctypes.c_void_p),
+    "X509_free": ([ctypes.c_void_p], None),
 }
 
 # ssl.h control codes (SSL_CTX_get_read_ahead / SSL_CTX_set_read_ahead are macros over SSL_CTX_ctrl).
 _SSL_CTRL_GET_READ_AHEAD = 40
 _SSL_CTRL_SET_READ_AHEAD = 41
+_SSL_CTRL_SET_CLIENT_SIGALGS_LIST = 102  # SSL_CTX_set1_client_sigalgs_list
 # What CPython's _ssl sets for each verify mode (Modules/_ssl.c, _set_verify_mode): SSL_VERIFY_PEER = 1,
 # SSL_VERIFY_FAIL_IF_NO_PEER_CERT = 2.
 _VERIFY_MODES = {ssl.CERT_NONE: 0, ssl.CERT_OPTIONAL: 1, ssl.CERT_REQUIRED: 3}
@@ -193,6 +203,50 @@ def set_verify_depth(ctx: ssl.SSLContext, depth: int) -> None:
         raise Unavailable("SSL_CTX_set_verify_depth did not take effect")
 
 
+def set_client_ca_names(ctx: ssl.SSLContext, certificates: list[bytes]) -> None:
+    """Send the subject of each certificate (DER) as an acceptable client CA: the ``certificate_authorities`` of a
+    TLS 1.2 CertificateRequest (RFC 5246 section 7.4.4) and the TLS 1.3 ``certificate_authorities`` extension
+    (RFC 8446 section 4.2.4); OpenSSL uses one list for both.  Read back; Unavailable if it cannot be done.
+
+    Only for a fresh context (the proxy builds one per snapshot, so a reload replaces the whole list)."""
+    ptr = _proven_ctx(ctx)
+    before = _ca_list_size(ptr)
+    for der in certificates:
+        buf = ctypes.create_string_buffer(der, len(der))
+        cursor = ctypes.c_void_p(ctypes.addressof(buf))
+        x509 = _fn("d2i_X509")(None, ctypes.byref(cursor), len(der))
+        if not x509:
+            raise Unavailable("d2i_X509 could not read a client CA certificate")
+        try:
+            # Copies the subject name into the context's list; the certificate itself is ours to free.
+            if _fn("SSL_CTX_add_client_CA")(ptr, x509) != 1:
+                raise Unavailable("SSL_CTX_add_client_CA failed")
+        finally:
+            _fn("X509_free")(x509)
+    if _ca_list_size(ptr) != before + len(certificates):
+        raise Unavailable("the client CA list does not hold the names just added")
+
+
+def _ca_list_size(ptr: int) -> int:
+    names = _fn("SSL_CTX_get_client_CA_list")(ptr)
+    return _fn("OPENSSL_sk_num")(names) if names else 0
+
+
+def client_ca_names_count(ctx: ssl.SSLContext) -> int:
+    """How many client CA names the context sends (for tests and ``check``)."""
+    return _ca_list_size(_proven_ctx(ctx))
+
+
+def set_client_sigalgs(ctx: ssl.SSLContext, sigalgs: str) -> None:
+    """The signature algorithms the CertificateRequest offers for client certificates
+    (``SSL_CTX_set1_client_sigalgs_list``).  ValueError when OpenSSL refuses the list; Unavailable if the call
+    cannot be made."""
+    ptr = _proven_ctx(ctx)
+    value = ctypes.create_string_buffer(sigalgs.encode("ascii"))
+    if _fn("SSL_CTX_ctrl")(ptr, _SSL_CTRL_SET_CLIENT_SIGALGS_LIST, 0, ctypes.addressof(value)) != 1:
+        raise ValueError(f"OpenSSL does not accept the signature algorithm list {sigalgs!r}")
+
+
 def enable_read_ahead(ctx: ssl.SSLContext) -> bool:
     """Let OpenSSL read everything the socket has in one read() instead of a 5-byte header and then the body of
     each record (what NGINX does): half the read calls per request, a fifth during a handshake.  True only when
@@ -270,6 +324,20 @@ def _probe_verify_depth() -> bool:
     return True
 
 
+def _probe_client_ca_names() -> bool:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _ca_list_size(_proven_ctx(ctx))
+    _fn("d2i_X509")
+    _fn("X509_free")
+    _fn("SSL_CTX_add_client_CA")
+    return True
+
+
+def _probe_client_sigalgs() -> bool:
+    set_client_sigalgs(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), "ECDSA+SHA256")
+    return True
+
+
 def _probe_read_ahead() -> bool:
     _set_read_ahead(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
     return True
@@ -292,6 +360,10 @@ def _probe_sslobj_io() -> bool:
 CAPABILITIES: tuple[Capability, ...] = (
     Capability("verify_depth", True, "SSL_CTX_set_verify_depth: client chains limited to server.verify_depth",
                "refuse to start (server.verify_depth cannot be enforced)", _probe_verify_depth),
+    Capability("client_ca_names", True, "SSL_CTX_add_client_CA: the client CA names sent in the CertificateRequest",
+               "refuse to start unless server.send_client_ca_names = false", _probe_client_ca_names),
+    Capability("client_sigalgs", True, "SSL_CTX_set1_client_sigalgs_list: server.client_sigalgs offered to clients",
+               "refuse to start (server.client_sigalgs cannot be enforced)", _probe_client_sigalgs),
     Capability("read_ahead", False, "SSL_CTX_set_read_ahead: one read() per batch of TLS records",
                "two read() calls per record", _probe_read_ahead),
     Capability("has_pending", False, "SSL_has_pending: records buffered inside OpenSSL are seen without a read",

@@ -2,7 +2,8 @@
 
 Owns: building everything a *new* connection needs that may change without a restart — the client-facing TLS
 context (server cert/key, client CA, CRL, depth), the upstream TLS context, the compiled allow rules — and the
-per-certificate cache of parsed identities.  ``build_runtime`` is pure and blocking (it reads files); the server
+per-certificate cache of parsed identities, the rules' rate limits, and the RFC 9440 lines remembered per leaf certificate
+(a resumed TLS session has no chain in OpenSSL: it gets the lines of the full handshake that created it).  ``build_runtime`` is pure and blocking (it reads files); the server
 runs it off the event loop and swaps the reference in one assignment.  Connections keep the snapshot they
 started with.
 
@@ -17,17 +18,21 @@ import ssl
 from dataclasses import dataclass, field
 
 from .accesslog import connection_prefix
+from .client_cert import rfc9440_lines, sent_intermediates
 from .config import Config
 from .connection import Peer
 from .errors import ConfigError, ConfigErrors
 from .headers import connection_block, upstream_block
 from .identity import Identity, parse_identity
+from .partners import Limit, limits_of
 from .policy import ConnectionPolicy, Policy, PolicyError
 from .tls import CertFact, build_server_context, build_upstream_context
 
 log = logging.getLogger("mtls_proxy")
 
 IDENTITY_CACHE = 4096  # distinct (certificate, endpoint) pairs remembered per snapshot
+CHAIN_MEMO = 4096  # leaf certificates whose RFC 9440 lines are remembered per snapshot (for resumed sessions)
+Chains = tuple[list[bytes] | None, list[bytes] | None]
 
 
 @dataclass(slots=True)
@@ -38,9 +43,32 @@ class Runtime:
     policy: Policy
     facts: list[CertFact]
     upstream_block: bytes
+    limits: dict[str, Limit] = field(default_factory=dict)
     _cache: dict[tuple[bytes, str | None], tuple[Identity, ConnectionPolicy]] = field(default_factory=dict)
+    _chain_lines: dict[bytes, bytes] = field(default_factory=dict)
 
-    def peer(self, der: bytes, client_addr: str, vpce_id: str | None) -> Peer:
+    def cert_lines(self, der: bytes, chains: Chains) -> bytes:
+        """The RFC 9440 lines for one connection.  A resumed TLS session has no chains (OpenSSL keeps neither):
+        the lines of the full handshake that created it are used, so resumption never changes what the upstream
+        sees.  Session tickets are bound to this snapshot's SSL context, so that handshake happened here; only a
+        memo that dropped the certificate (more than CHAIN_MEMO distinct ones since) loses the chain, and then
+        Client-Cert goes alone, with a warning."""
+        chain = sent_intermediates(*chains)
+        if chain is None:
+            lines = self._chain_lines.get(der)
+            if lines is not None:
+                return lines
+            log.warning("client certificate chain unknown on a resumed TLS session: Client-Cert-Chain omitted")
+            return rfc9440_lines(der, ())
+        lines = rfc9440_lines(der, chain)
+        memo = self._chain_lines
+        memo.pop(der, None)
+        if len(memo) >= CHAIN_MEMO:
+            del memo[next(iter(memo))]  # the least recently handshaken certificate
+        memo[der] = lines
+        return lines
+
+    def peer(self, der: bytes, client_addr: str, vpce_id: str | None, chains: Chains | None = None) -> Peer:
         """Per-connection facts for a verified certificate; parsing and rule pre-selection are cached."""
         key = (der, vpce_id)
         hit = self._cache.get(key)
@@ -55,9 +83,10 @@ class Runtime:
                 self._cache.clear()
             self._cache[key] = hit
         identity, policy = hit
-        block = connection_block(self.upstream_block, identity, client_addr, vpce_id)
+        cert_lines = self.cert_lines(der, chains or (None, None)) if self.cfg.identity.client_cert_header else b""
+        block = connection_block(self.upstream_block, identity, client_addr, vpce_id, cert_lines)
         prefix = connection_prefix(client_addr, vpce_id, identity.subject, identity.fingerprint)
-        return Peer(identity, policy, block, prefix, client_addr, vpce_id)
+        return Peer(identity, policy, block, prefix, client_addr, vpce_id, self.limits)
 
 
 def build_runtime(cfg: Config) -> Runtime:
@@ -80,4 +109,4 @@ def build_runtime(cfg: Config) -> Runtime:
         errors.append(ConfigError("allow", str(exc)))
     if errors or server_ctx is None or upstream_ctx is None or policy is None:
         raise ConfigErrors(errors)
-    return Runtime(cfg, server_ctx, upstream_ctx, policy, facts, upstream_block(cfg.upstream))
+    return Runtime(cfg, server_ctx, upstream_ctx, policy, facts, upstream_block(cfg.upstream), limits_of(cfg.allow))

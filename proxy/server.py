@@ -1,7 +1,8 @@
 """Wiring and lifecycle of one proxy process: start, ready, reload, drain.
 
 Owns: the ``ProxyServer`` that holds what connections share (config, current runtime snapshot, upstream pool,
-metrics, access log, live connections), and ``run()``, the one function where the lifecycle reads top to
+metrics, access log, partner state (certificates seen, rate-limit buckets: ``proxy.partners``), live connections),
+and ``run()``, the one function where the lifecycle reads top to
 bottom: start -> ready -> (reload on SIGHUP or file change)* -> SIGTERM/SIGINT -> drain -> exit.
 
 Reload (house rule 6): the config file and PEM files are re-read off the event loop into a new ``Runtime``;
@@ -23,7 +24,9 @@ import logging
 import os
 import signal
 import socket
+import time
 from pathlib import Path
+from typing import Any
 
 from . import config as config_mod
 from .accesslog import AccessLog
@@ -35,6 +38,7 @@ from .errors import ConfigErrors
 from .forward import UpstreamPool
 from .listener import Listener, bind
 from .metrics import Metrics
+from .partners import Partners
 from .runtime import Runtime, build_runtime
 from .slots import ConnectionSlots
 from .supervisor import WorkerControl
@@ -43,7 +47,7 @@ from .transport import Lingerer
 log = logging.getLogger("mtls_proxy")
 
 # Keys a reload can apply; anything else that changed is reported as "restart to apply".
-_RELOADABLE_SERVER = {"cert", "key", "client_ca", "crl"}
+_RELOADABLE_SERVER = {"cert", "key", "client_ca", "crl", "send_client_ca_names", "client_sigalgs"}
 
 
 class ProxyServer:
@@ -58,6 +62,9 @@ class ProxyServer:
         self.pool: UpstreamPool = None  # type: ignore[assignment]
         self.access_log: AccessLog = None  # type: ignore[assignment]
         self.lingerer: Lingerer = None  # type: ignore[assignment]
+        # CLOCK_MONOTONIC (what the event loop's time() reads) drives the rate-limit buckets, in whole nanoseconds.
+        self.partners = Partners(time.monotonic_ns, time.time)
+        self.metrics.partner_facts = self._partner_facts
         self.connections: set[ClientConnection] = set()
         # accepted sockets not yet closed, including those still handshaking: the one count of them
         self.slots = ConnectionSlots(cfg.server.max_connections, self.metrics)
@@ -70,6 +77,7 @@ class ProxyServer:
         self.emf: EmfOutput | None = None
         self._listener: Listener | None = None
         self._stamps: dict[Path, tuple[int, int, int] | None] = {}
+        self._sources: Any = None  # proxy.sources.material.Material of the remote PEM sources, if any
         self.address: tuple[str, int] | None = None
 
     async def start(self, sock: socket.socket | None = None, runtime: Runtime | None = None) -> None:
@@ -78,6 +86,14 @@ class ProxyServer:
         self.runtime = runtime or build_runtime(self.cfg)
         self._publish_facts(self.runtime)
         self._stamps = _stamp_all(self.cfg.watched_files)
+        remote = _remote_sources(self.cfg)
+        if remote:
+            # Imported only here: a proxy with file and env: sources never loads the source readers (or boto3).
+            from .sources.material import Material
+
+            self._sources = Material(remote, _VALIDATORS, environ=os.environ)
+            await self.loop.run_in_executor(None, self._sources.load)  # ConfigErrors naming the key: fatal
+            self._record_sources()
         self.pool = UpstreamPool(self.loop, self.cfg.upstream, self.runtime.upstream_context)
         self.access_log = AccessLog(self.loop, self._access_fd, self.metrics)
         self.lingerer = Lingerer(self.loop, limit=self.cfg.server.max_connections)
@@ -105,6 +121,10 @@ class ProxyServer:
                              owns_out=owned)
         self.emf.start()
 
+    def _partner_facts(self) -> tuple[dict[str, float], int, int]:
+        p = self.partners
+        return p.certs.expiry_by_rule(time.time()), p.certs.dropped, p.buckets.forced_evictions
+
     @property
     def active(self) -> int:
         return self.slots.active
@@ -120,6 +140,27 @@ class ProxyServer:
     def files_changed(self) -> bool:
         stamps = _stamp_all(self.cfg.watched_files)
         return stamps != self._stamps
+
+    async def sources_changed(self) -> bool:
+        """Re-read every remote source conditionally (off the loop); True when one holds new good content.
+
+        A source that fails, or holds content its validator refuses, keeps its last good copy (the running
+        snapshot is untouched), counts ``mtls_proxy_source_errors_total{source}`` and is logged once when it
+        turns failing and once when it recovers."""
+        if self._sources is None:
+            return False
+        result = await self.loop.run_in_executor(None, self._sources.poll)
+        for key, problem in result.became_failing.items():
+            log.error("source %s failing, keeping its last good copy: %s", key, problem)
+        for key in result.recovered:
+            log.info("source %s recovered", key)
+        self._record_sources()
+        return bool(result.changed)
+
+    def _record_sources(self) -> None:
+        for key, health in self._sources.health().items():
+            self.metrics.source_errors[key] = health.errors
+            self.metrics.source_last_ok[key] = health.last_ok
 
     async def reload(self) -> bool:
         """Re-read config and files off the loop; swap on success, keep the old snapshot on failure."""
@@ -142,8 +183,10 @@ class ProxyServer:
 
     def _build_reloaded(self) -> Runtime:
         cfg = self.cfg
-        if cfg.source not in ("<environment>", "<defaults>"):
-            fresh = config_mod.load(cfg.source)
+        # An environment-only config is read again only for its allow_from document (the process's environment
+        # itself never changes).
+        if cfg.source != "<defaults>" and (cfg.source != "<environment>" or cfg.allow_from is not None):
+            fresh = config_mod.load(None if cfg.source == "<environment>" else cfg.source)
             changed = _unreloadable_changes(cfg, fresh)
             if changed:
                 log.warning("config changes need a restart to apply: %s", ", ".join(changed))
@@ -196,7 +239,7 @@ def _stamp_all(paths: tuple[Path, ...]) -> dict[Path, tuple[int, int, int] | Non
 
 def _unreloadable_changes(old: Config, new: Config) -> list[str]:
     changed = []
-    for section in ("server", "upstream", "admin", "log", "metrics"):
+    for section in ("server", "upstream", "admin", "log", "identity", "metrics"):
         a, b = getattr(old, section), getattr(new, section)
         for f in dataclasses.fields(a):
             if section == "server" and f.name in _RELOADABLE_SERVER:
@@ -221,13 +264,15 @@ async def run(cfg: Config, *, control_fd: int | None = None, runtime: Runtime | 
     control: WorkerControl | None = None
     if control_fd is None:
         admin = AdminServer(cfg.admin.listen, proxy_protocol=cfg.server.proxy_protocol,
-                            ready=lambda: server.ready, snapshots=lambda: [server.metrics.snapshot()])
+                            ready=lambda: server.ready, snapshots=lambda: [server.metrics.snapshot()],
+                            certs=lambda: server.partners.certs.report())
         await admin.start()  # /healthz answers from here on; /readyz once the listener is up
     else:
         # The pid tells the supervisor which process these counts belong to (a restarted worker starts at zero).
         pid = os.getpid()
-        control = WorkerControl(control_fd, lambda: {"ready": server.ready, "metrics": server.metrics.snapshot(),
-                                                     "pid": pid})
+        control = WorkerControl(control_fd, lambda full: {
+            "ready": server.ready, "metrics": server.metrics.snapshot(),
+            "certs": server.partners.certs.changes(full), "pid": pid})
         control.start(loop)
     try:
         await server.start(runtime=runtime)
@@ -263,6 +308,44 @@ async def run(cfg: Config, *, control_fd: int | None = None, runtime: Runtime | 
 
 
 FINAL_POLL_WAIT = 2.0  # seconds a draining worker waits for the supervisor's last poll (it polls twice a second)
+
+
+def _remote_sources(cfg: Config) -> dict[str, Any]:
+    """Config key -> Location of every remote PEM source (polled every ``reload_interval``)."""
+    pems = {"server.cert": cfg.server.cert, "server.key": cfg.server.key, "server.client_ca": cfg.server.client_ca,
+            "server.crl": cfg.server.crl, "upstream.ca_bundle": cfg.upstream.ca_bundle}
+    pems["allow_from"] = cfg.allow_from
+    return {key: src.location for key, src in pems.items() if src is not None and src.remote}
+
+
+def _pem_only(data: bytes) -> None:
+    if b"-----BEGIN " not in data:
+        raise ValueError("no PEM data")
+
+
+def _rules_document(data: bytes) -> None:
+    from .config.loader import parse_rules_document
+
+    parse_rules_document(data)  # the rules themselves are checked by the reload, which keeps the old on failure
+
+
+def _crl_only(data: bytes) -> None:
+    from .config import PemSource
+    from .errors import ConfigError
+    from .tls import load_crls
+
+    try:
+        load_crls(data, PemSource(path=Path("-")))
+    except ConfigError as exc:
+        raise ValueError(exc.message.removeprefix("-: ")) from None
+
+
+# Content a poll refuses outright (keeping the last good copy); deeper problems (a key that does not match its
+# certificate) are caught by building the new snapshot, which keeps the old one on failure.
+_VALIDATORS = {"server.cert": _pem_only, "server.key": _pem_only, "server.client_ca": _pem_only,
+               "server.crl": _crl_only, "upstream.ca_bundle": _pem_only, "allow_from": _rules_document}
+
+
 RELOAD_SETTLE = 1.0  # seconds the watched files must stay unchanged before a change-triggered reload
 RELOAD_SETTLE_ROUNDS = 10  # a file that never stops changing is loaded after this many settle periods anyway
 
@@ -280,8 +363,10 @@ async def _watch(server: ProxyServer, reload_now: asyncio.Event, stop: asyncio.E
             await asyncio.wait_for(reload_now.wait(), interval if interval > 0 else None)
         except TimeoutError:
             if not server.files_changed():
-                continue
-            await _settle(server, reload_now)
+                if not await server.sources_changed():
+                    continue
+            else:
+                await _settle(server, reload_now)
         reload_now.clear()
         await server.reload()
 

@@ -9,7 +9,10 @@ every worker reports ready and no drain has started; ``/metrics`` adds up the wo
 write none, so nothing is counted twice).
 
 Each worker gets one end of a socketpair (fd number in ``MTLS_WORKER_CONTROL_FD``); the supervisor writes one
-byte to ask, the worker answers with a length-prefixed JSON snapshot ({"ready": bool, "metrics": {...}}).
+byte to ask, the worker answers with a length-prefixed JSON snapshot ({"ready": bool, "metrics": {...}, "certs":
+{...}}).  ``certs`` are the certificate-table changes since the previous answer (``proxy.cert_tracker``); the
+supervisor asks with ``!`` instead of ``?`` when it needs the whole table (a new worker, or an answer it missed),
+merges every worker's into one table, and serves it as ``/certs`` and the client-certificate expiry metric.
 
 Must not: accept client connections itself or share memory with workers.
 """
@@ -24,10 +27,12 @@ import signal
 import socket
 import struct
 import sys
+import time
 from typing import Any
 
 from .accesslog import AccessLog
 from .admin import AdminServer
+from .cert_tracker import CertTable, Feed
 from .config import Config
 from .emf_output import EmfOutput
 from .listener import bind
@@ -36,6 +41,7 @@ from .metrics import Metrics, Snapshot
 log = logging.getLogger("mtls_proxy")
 CONTROL_ENV = "MTLS_WORKER_CONTROL_FD"
 _LEN = struct.Struct("!I")
+ASK, FULL = b"?", b"!"  # FULL also asks for the whole certificate table, not only what changed
 BACKOFF_FIRST = 0.2  # seconds before the first restart after a worker died
 BACKOFF_MAX = 5.0
 # A worker that ran this long had started well: a crash after that is an incident to recover from at once, not
@@ -69,6 +75,7 @@ class Worker:
         self.restarts = 0  # in the life of the supervisor (for the log)
         self.backoff = Backoff()
         self.started_at = 0.0  # loop time of the last start
+        self.certs = Feed()  # which certificate changes come next from this worker (proxy.cert_tracker)
 
     async def start(self, argv: list[str], env_extra: dict[str, str]) -> None:
         self.started_at = asyncio.get_running_loop().time()
@@ -79,9 +86,11 @@ class Worker:
         parent.setblocking(False)
         self.control = parent
         self.last = {"ready": False, "metrics": None}
+        self.certs.restart()
 
-    async def poll(self, timeout: float = 1.0) -> dict[str, Any]:
-        """Ask the worker for its state; the last good answer is kept if it does not reply in time."""
+    async def poll(self, certs: CertTable | None = None, timeout: float = 1.0) -> dict[str, Any]:
+        """Ask the worker for its state; the last good answer is kept if it does not reply in time.  Its
+        certificate changes are merged into ``certs`` (a full table when a previous answer went missing)."""
         sock = self.control
         if sock is None or self.proc is None or self.proc.returncode is not None:
             return {"ready": False, "metrics": self.last.get("metrics")}
@@ -89,11 +98,14 @@ class Worker:
         try:
             async with asyncio.timeout(timeout):
                 _discard_stale(sock)
-                await loop.sock_sendall(sock, b"?")
+                await loop.sock_sendall(sock, FULL if self.certs.need_full else ASK)
                 head = await _recv_exact(loop, sock, _LEN.size)
                 self.last = json.loads(await _recv_exact(loop, sock, _LEN.unpack(head)[0]))
         except (OSError, TimeoutError, ValueError):
             return {"ready": False, "metrics": self.last.get("metrics")}
+        changes = self.last.pop("certs", None)
+        if certs is not None:
+            self.certs.apply(changes, certs)
         return self.last
 
     def close(self) -> None:
@@ -155,10 +167,10 @@ class WorkerControl:
         if not data:
             loop.remove_reader(self.sock.fileno())
             return
-        payload = json.dumps(self.snapshot()).encode()
         self.sock.setblocking(True)  # small message on a local socketpair: completes at once
         try:
-            for _ in data:
+            for byte in data:
+                payload = json.dumps(self.snapshot(byte == FULL[0])).encode()
                 self.sock.sendall(_LEN.pack(len(payload)) + payload)
         finally:
             self.sock.setblocking(False)
@@ -187,9 +199,19 @@ async def _supervise(cfg: Config, argv: list[str]) -> int:
     own = Metrics()
     emf: EmfOutput | None = None
 
+    certs = CertTable()  # every worker's certificates, merged (the latest last_seen wins)
+
+    def own_snapshot() -> dict[str, Any]:
+        # The expiry metric from the merged table, so it agrees with /certs and survives a worker restart; merging
+        # takes the minimum per rule, so this snapshot decides it.
+        mine = Metrics()
+        mine.client_cert_expiry = certs.expiry_by_rule(time.time())
+        mine.cert_tracking_dropped = certs.dropped
+        return mine.snapshot()
+
     async def refresh() -> None:
         while True:
-            states = await asyncio.gather(*(w.poll() for w in workers))
+            states = await asyncio.gather(*(w.poll(certs) for w in workers))
             cache["ready"] = all(s.get("ready") for s in states)
             cache["snaps"] = [s["metrics"] for s in states if s.get("metrics")]
             for w, state in zip(workers, states):
@@ -205,10 +227,10 @@ async def _supervise(cfg: Config, argv: list[str]) -> int:
         return sources
 
     def snapshots() -> list[Snapshot]:
-        return [*cache["snaps"], own.snapshot()] if emf is not None else cache["snaps"]
+        return [*cache["snaps"], own_snapshot(), *([own.snapshot()] if emf is not None else [])]
 
     admin = AdminServer(cfg.admin.listen, proxy_protocol=cfg.server.proxy_protocol,
-                        ready=lambda: cache["ready"] and not stopping, snapshots=snapshots)
+                        ready=lambda: cache["ready"] and not stopping, snapshots=snapshots, certs=certs.report)
     await admin.start()
     assert admin.address is not None
     log.info("admin listening", extra={"fields": {"address": _fmt(admin.address)}})

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import ssl
+import _ssl
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -42,7 +43,23 @@ class CertFact:
 
 
 def read_pem(source: PemSource, key: str) -> bytes:
-    """The PEM bytes of a source, or ConfigError naming the key and the file or variable."""
+    """The PEM bytes of a source (a CRL may also be DER), or ConfigError naming the key and the source.
+
+    A remote source (S3, Secrets Manager, SSM, http(s)) is read once here, through ``proxy.sources``: at start-up
+    a source that cannot be read is fatal, naming the key (fail closed).  boto3 is imported only for AWS kinds."""
+    if source.uri is not None:
+        from .errors import ConfigErrors
+        from .sources.material import Material
+
+        material = Material({key: source.location}, environ=os.environ)
+        try:
+            material.load()
+        except ConfigErrors as exc:
+            raise exc.errors[0] from None
+        data = material[key]
+        if key != "server.crl" and b"-----BEGIN " not in data:
+            raise ConfigError(key, f"{source}: no PEM data")
+        return data
     if source.env is not None:
         value = os.environ.get(source.env)
         if not value:
@@ -55,7 +72,7 @@ def read_pem(source: PemSource, key: str) -> bytes:
         raise ConfigError(key, f"{source.path}: file not found") from None
     except OSError as exc:
         raise ConfigError(key, f"{source.path}: cannot read: {exc.strerror}") from None
-    if b"-----BEGIN " not in data:
+    if b"-----BEGIN " not in data and not (key == "server.crl" and data[:1] == b"\x30"):
         raise ConfigError(key, f"{source}: no PEM data")
     return data
 
@@ -147,7 +164,6 @@ def build_server_context(server: ServerConfig) -> tuple[ssl.SSLContext, list[Cer
     except ssl.SSLError as exc:
         raise ConfigError("server.client_ca", f"{server.client_ca}: {exc.reason or exc}") from None
     facts.extend(CertFact(f"client_ca:{_cn(c.subject)}", c.not_valid_after_utc.timestamp()) for c in cas)
-
     if server.crl is not None:
         crl_pem = read_pem(server.crl, "server.crl")
         crls = load_crls(crl_pem, server.crl)
@@ -165,8 +181,30 @@ def build_server_context(server: ServerConfig) -> tuple[ssl.SSLContext, list[Cer
         openssl.set_verify_depth(ctx, server.verify_depth)
     except openssl.Unavailable as exc:
         raise ConfigError("server.verify_depth", f"cannot enforce the chain depth limit: {exc}") from None
+    if server.send_client_ca_names:
+        try:
+            openssl.set_client_ca_names(ctx, [c.public_bytes(serialization.Encoding.DER) for c in cas])
+        except openssl.Unavailable as exc:
+            raise ConfigError("server.send_client_ca_names", f"cannot send the client CA names ({exc}); set it to "
+                                                             f"false to run without them") from None
+    try:
+        openssl.set_client_sigalgs(ctx, server.client_sigalgs)
+    except ValueError as exc:
+        raise ConfigError("server.client_sigalgs", str(exc)) from None
+    except openssl.Unavailable as exc:
+        raise ConfigError("server.client_sigalgs", f"cannot set the client signature algorithms: {exc}") from None
+
     openssl.enable_read_ahead(ctx)
     return ctx, facts
+
+
+def client_ca_names_size(server: ServerConfig) -> int:
+    """Bytes of the certificate_authorities list the CertificateRequest carries (each DER name with its 2-byte
+    length, plus the list's own 2-byte length): 0 when the names are not sent."""
+    if not server.send_client_ca_names:
+        return 0
+    cas = _load_certs(read_pem(server.client_ca, "server.client_ca"), "server.client_ca", server.client_ca)
+    return 2 + sum(2 + len(c.subject.public_bytes()) for c in cas)
 
 
 class _EncryptedKey(Exception):
@@ -184,6 +222,11 @@ def load_crls(pem: bytes, source: PemSource) -> list[x509.CertificateRevocationL
     naming ``server.crl`` for a bad or missing one."""
     crls = []
     marker = b"-----BEGIN X509 CRL-----"
+    if marker not in pem and pem[:1] == b"\x30":  # a DER SEQUENCE: CRL distribution points serve DER
+        try:
+            return [x509.load_der_x509_crl(pem)]
+        except ValueError as exc:
+            raise ConfigError("server.crl", f"{source}: bad DER CRL ({exc})") from None
     for part in pem.split(marker)[1:]:
         try:
             crls.append(x509.load_pem_x509_crl(marker + part.split(b"-----END X509 CRL-----")[0]
@@ -260,3 +303,23 @@ def handshake_failure_detail(exc: BaseException) -> str:
 def expiring(facts: list[CertFact], within_days: float, now: float | None = None) -> list[CertFact]:
     now = dt.datetime.now(dt.timezone.utc).timestamp() if now is None else now
     return [f for f in facts if f.not_after - now < within_days * 86400]
+
+
+def peer_chains(sock: ssl.SSLSocket) -> tuple[list[bytes] | None, list[bytes] | None]:
+    """(the chain the client sent, the chain OpenSSL verified), each leaf first, as DER; (None, None) when the
+    session was resumed (OpenSSL keeps neither in a session) or the running Python cannot say.
+
+    Python's private ``get_unverified_chain`` / ``get_verified_chain`` (public only from 3.13) are read-only
+    accessors of ``SSL_get_peer_cert_chain`` / ``SSL_get0_verified_chain``; on a server socket Python puts the leaf
+    in front of the former (OpenSSL leaves it out there).  Checked in tests/test_tls.py.
+    """
+    tls = getattr(sock, "_sslobj", None)
+    sent_fn = getattr(tls, "get_unverified_chain", None)
+    verified_fn = getattr(tls, "get_verified_chain", None)
+    if sent_fn is None or verified_fn is None:
+        return None, None
+    sent, verified = sent_fn(), verified_fn()
+    if sent is None or verified is None:
+        return None, None
+    der = _ssl.ENCODING_DER
+    return [c.public_bytes(der) for c in sent], [c.public_bytes(der) for c in verified]

@@ -54,7 +54,7 @@ def toml_value(v: Any) -> str:
 def write_config(path: Path, pki: Pki, upstream_port: int, *, server: dict[str, Any] | None = None,
                  upstream: dict[str, Any] | None = None, admin: dict[str, Any] | None = None,
                  rules: list[dict[str, Any]] | None = None, top: dict[str, Any] | None = None,
-                 log: dict[str, Any] | None = None) -> Path:
+                 log: dict[str, Any] | None = None, identity: dict[str, Any] | None = None) -> Path:
     """A TOML config for the test PKI; sections are merged over sensible test defaults."""
     # Port 0: the kernel picks free ports at bind time (no race with other processes between choosing and
     # binding); the in-process proxy reports them in server.address, a spawned one in its "listening" log lines.
@@ -69,7 +69,8 @@ def write_config(path: Path, pki: Pki, upstream_port: int, *, server: dict[str, 
     if rules is None:
         rules = [{"name": "partner-a", "subject_cn": ["client-a"]}]
     lines = [f"{k} = {toml_value(v)}" for k, v in (top or {}).items()]
-    for name, section in (("server", srv), ("upstream", up), ("admin", adm), ("log", log or {})):
+    for name, section in (("server", srv), ("upstream", up), ("admin", adm), ("log", log or {}),
+                          ("identity", identity or {})):
         lines.append(f"[{name}]")
         lines += [f"{k} = {toml_value(v)}" for k, v in section.items() if v is not None]
     for rule in rules:

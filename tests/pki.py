@@ -6,7 +6,7 @@ CAs and the server certificates; client certificates are issued with ``cryptogra
 cannot set URI SANs, a clientAuth-only EKU or arbitrary subjects.
 
 Trust layout (three independent CAs, like production):
-    client CA ("main")  -> good, rsa, other, expired, not_yet_valid, revoked, no_client_auth, weird
+    client CA ("main")  -> good, renewed, rsa, other, expired, not_yet_valid, revoked, no_client_auth, weird
                         -> intermediate -> via_intermediate
                         -> i1 -> i2 -> i3 -> too_deep          (3 intermediates: beyond verify_depth 2)
     self_signed         its own anchor, appended to ``client_ca`` (the reference NGINX sample's pattern)
@@ -128,6 +128,8 @@ class Pki:
         week, day = dt.timedelta(days=7), dt.timedelta(days=1)
         specs: list[tuple[str, _Authority, x509.Name, list[x509.GeneralName], dict[str, object]]] = [
             ("good", main, _subject("client-a"), client_a, {}),
+            # the same partner's next certificate, valid longer (rotation; certificate lifecycle tests)
+            ("renewed", main, _subject("client-a"), client_a, {"not_after": now + 90 * day}),
             ("rsa", main, _subject("client-rsa"), _sans("client-rsa.partner.test"), {"use_rsa": True}),
             ("other", main, _subject("client-b"), _sans("client-b.partner.test"), {}),
             ("expired", main, _subject("client-a"), client_a, {"not_before": now - week, "not_after": now - day}),

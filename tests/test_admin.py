@@ -21,6 +21,7 @@ from proxy import admin as admin_mod
 from proxy import proxy_protocol as pp
 from proxy.admin import AdminServer
 from proxy.config import Address
+from proxy.cert_tracker import CertTable
 from proxy.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +32,7 @@ class State:
     def __init__(self) -> None:
         self.ready = True
         self.metrics = Metrics()
+        self.certs = CertTable()
 
 
 @pytest.fixture
@@ -47,7 +49,8 @@ async def start_admin(state: State) -> AsyncIterator[StartAdmin]:
 
     async def start(proxy_protocol: bool = False) -> AdminServer:
         server = AdminServer(Address("127.0.0.1", 0), ready=lambda: state.ready,
-                             snapshots=lambda: [state.metrics.snapshot()], proxy_protocol=proxy_protocol)
+                             snapshots=lambda: [state.metrics.snapshot()], certs=state.certs.report,
+                             proxy_protocol=proxy_protocol)
         await server.start()
         started.append(server)
         return server
@@ -167,6 +170,17 @@ async def test_metrics_are_read_at_every_scrape(start_admin: StartAdmin, state: 
     for n in (0, 5, 2):
         state.metrics.connections_active = n
         assert samples(parse_text((await request(server, "/metrics")).body.decode()))[key] == n
+
+
+async def test_certs_is_json_read_at_every_request(start_admin: StartAdmin, state: State) -> None:
+    server = await start_admin()
+    empty = await request(server, "/certs")
+    assert empty.status == 200 and empty.headers["content-type"] == "application/json"
+    assert json.loads(empty.body) == {"cap": state.certs.cap, "dropped": 0, "rules": {}}
+    state.certs.seen("partner-a", "ab" * 32, "CN=client-a", "1F", 1_900_000_000.0, 1_800_000_000.0)
+    reply = json.loads((await request(server, "/certs")).body)
+    assert reply["rules"]["partner-a"][0]["fingerprint"] == "ab" * 32
+    assert reply["rules"]["partner-a"][0]["not_after"] == "2030-03-17T17:46:40Z"
 
 
 @pytest.mark.parametrize("path", ["/", "/health", "/healthz/", "/metrics/x", "/READYZ", "/nope?x=1"])

@@ -182,6 +182,9 @@ WARNINGS: list[tuple[str, Any, str]] = [
     ("verify-false", lambda d, f: {"upstream": {"verify": False}}, r"upstream\.verify: false: "),
     ("allow-all-verified", lambda d, f: {"top": {"allow_all_verified": True}, "rules": []},
      r"allow_all_verified: true: every client"),
+    ("client-cert-header", lambda d, f: {"identity": {"client_cert_header": True}},
+     r"identity\.client_cert_header: true: every request carries the client certificate .* over 10240 bytes.*"
+     r"431 identity_too_large$"),
     ("server-cert-10-days", lambda d, f: _expiring_server(d, f, 10.5), r"server\.cert: expiry in 10 days \("),
     ("server-cert-expired", lambda d, f: _expiring_server(d, f, -1), r"server\.cert: expiry .* has passed$"),
     ("client-ca-20-days", _ca_expiring, r"server\.client_ca \(short-lived CA\): expiry in 20 days \("),
@@ -318,3 +321,14 @@ def test_a_fast_path_this_python_cannot_use_is_a_warning(tmp_path: Path, pki: Pk
     assert errors == []
     assert warnings == ["openssl: fast path read_ahead off: not set on the server and upstream context; two read() "
                         "calls per record"]
+
+
+@pytest.mark.parametrize("days, warn_days, warned", [(10.5, 7, False), (10.5, 14, True), (5.5, 7, True),
+                                                      (5.5, 3, False)])
+def test_crl_warn_days_sets_the_crl_horizon(tmp_path: Path, pki: Pki, files: Files, days: float,
+                                            warn_days: float, warned: bool) -> None:
+    # A certificate 10 days from expiry is always warned about (30 days); a CRL only within crl_warn_days.
+    changes = _crl_file(tmp_path, files, NOW + days * DAY)
+    changes["server"]["crl_warn_days"] = warn_days
+    errors, warnings = check_mod.check(str(config(tmp_path, pki, files, **changes)))
+    assert errors == [] and bool([w for w in warnings if w.startswith("server.crl (")]) is warned, warnings

@@ -16,6 +16,7 @@ import pytest
 from proxy import config, cpus
 from proxy.config import Address, AllowRule, PemSource
 from proxy.errors import ConfigErrors
+from proxy.sources.location import SYNTAX
 from proxy.policy import Policy, PolicyError
 
 FINGERPRINT = ":".join(["AB"] * 32)
@@ -227,6 +228,54 @@ def test_env_pem_source(tmp_path: Path, key: str) -> None:
     assert all(p.name != f"PEM_{key.upper()}" for p in cfg.watched_files)  # an env source is never watched
 
 
+@pytest.mark.parametrize("key, section", [("cert", "server"), ("key", "server"), ("client_ca", "server"),
+                                          ("crl", "server"), ("ca_bundle", "upstream")])
+@pytest.mark.parametrize("text", ["s3://pki-bucket/proxy/material.pem", "secretsmanager:proxy/server",
+                                  "secretsmanager:arn:aws:secretsmanager:eu-west-1:123456789012:secret:p-AbCdEf",
+                                  "ssm:/proxy/material"])
+def test_aws_pem_sources_for_every_key(tmp_path: Path, key: str, section: str, text: str) -> None:
+    base = MINIMAL if key in ("crl", "ca_bundle") else MINIMAL.replace(f"\n{key} = ", "\n# ")
+    cfg = load(write(tmp_path, edit(base, section, f'{key} = "{text}"')))
+    src = getattr(getattr(cfg, section), key)
+    assert src == PemSource(uri=text) and src.remote and str(src) == text
+    assert src.location.kind == text.split(":", 1)[0]
+    assert all(p.name != text.rsplit("/", 1)[-1] for p in cfg.watched_files)  # polled, not watched
+
+
+@pytest.mark.parametrize("key, section, allowed", [
+    ("cert", "server", ()), ("key", "server", ()), ("client_ca", "server", ("https",)),
+    ("crl", "server", ("https", "http")), ("ca_bundle", "upstream", ("https",))])
+@pytest.mark.parametrize("scheme", ["https", "http"])
+def test_urls_only_for_public_material(tmp_path: Path, key: str, section: str, allowed: tuple[str, ...],
+                                       scheme: str) -> None:
+    base = MINIMAL if key in ("crl", "ca_bundle") else MINIMAL.replace(f"\n{key} = ", "\n# ")
+    url = f"{scheme}://pki.example.com/ca/current.pem?token=s3cret"
+    path = write(tmp_path, edit(base, section, f'{key} = "{url}"'))
+    if scheme in allowed:
+        assert getattr(getattr(load(path), section), key) == PemSource(uri=url)
+        assert "s3cret" not in str(getattr(getattr(load(path), section), key))
+        return
+    lines = errors(path)
+    assert len(lines) == 1 and lines[0].startswith(f"{section}.{key}: {scheme}://pki.example.com/"), lines
+    assert "s3cret" not in lines[0]
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("s3://Bad_Bucket/key", "not an S3 bucket name"), ("s3://bucket", "object key is missing"),
+    ("s3:bucket/key", "expected s3://bucket/key"), ("ssm://x", "expected ssm:/parameter/name"),
+    ("secretsmanager:", "expected secretsmanager:NAME_OR_ARN"), ("ftp://host/x", "unknown source scheme")])
+def test_bad_remote_source_is_one_line_naming_the_key(tmp_path: Path, text: str, fragment: str) -> None:
+    lines = errors(write(tmp_path, edit(MINIMAL, "server", f'crl = "{text}"')))
+    assert len(lines) == 1 and lines[0].startswith("server.crl: ") and fragment in lines[0], lines
+
+
+def test_remote_source_from_the_environment(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, MINIMAL), {"MTLS_PROXY_SERVER_CRL": "s3://pki-bucket/crl.der"})
+    assert cfg.server.crl == PemSource(uri="s3://pki-bucket/crl.der")
+    assert errors(write(tmp_path, MINIMAL), {"MTLS_PROXY_SERVER_KEY": "https://h/k.pem"})[0].startswith(
+        "MTLS_PROXY_SERVER_KEY: https://h/k.pem: a certificate or private key cannot come from")
+
+
 def test_env_pem_source_for_upstream_ca_bundle(tmp_path: Path) -> None:
     text = edit(MINIMAL, "upstream", 'ca_bundle = "env:API_CA"')
     assert load(write(tmp_path, text), {"API_CA": "pem"}).upstream.ca_bundle == PemSource(env="API_CA")
@@ -250,6 +299,8 @@ ENV_TABLE: list[tuple[str, str, str, Any]] = [
     ("MTLS_PROXY_SERVER_TLS_VERSIONS", '["1.2"]', "server.tls_versions", ("1.2",)),
     ("MTLS_PROXY_SERVER_CIPHERS", "ECDHE+AESGCM", "server.ciphers", "ECDHE+AESGCM"),
     ("MTLS_PROXY_SERVER_VERIFY_DEPTH", "3", "server.verify_depth", 3),
+    ("MTLS_PROXY_SERVER_SEND_CLIENT_CA_NAMES", "false", "server.send_client_ca_names", False),
+    ("MTLS_PROXY_SERVER_CLIENT_SIGALGS", "ECDSA+SHA256", "server.client_sigalgs", "ECDSA+SHA256"),
     ("MTLS_PROXY_SERVER_MAX_BODY_BYTES", " 1024 ", "server.max_body_bytes", 1024),
     ("MTLS_PROXY_SERVER_PROXY_PROTOCOL", "true", "server.proxy_protocol", True),
     ("MTLS_PROXY_SERVER_PROXY_PROTOCOL_TIMEOUT", "1.5", "server.proxy_protocol_timeout", 1.5),
@@ -260,6 +311,7 @@ ENV_TABLE: list[tuple[str, str, str, Any]] = [
     ("MTLS_PROXY_SERVER_WORKERS", "4", "server.workers", 4),
     ("MTLS_PROXY_SERVER_SHUTDOWN_TIMEOUT", "100", "server.shutdown_timeout", 100.0),
     ("MTLS_PROXY_SERVER_RELOAD_INTERVAL", "0", "server.reload_interval", 0.0),
+    ("MTLS_PROXY_SERVER_CRL_WARN_DAYS", "2", "server.crl_warn_days", 2.0),
     ("MTLS_PROXY_UPSTREAM_URL", "https://x1.execute-api.eu-west-1.amazonaws.com:8443/v1/",
      "upstream.url", "https://x1.execute-api.eu-west-1.amazonaws.com:8443/v1/"),
     ("MTLS_PROXY_UPSTREAM_CONNECT_TO", "10.0.0.5:443", "upstream.connect_to", Address("10.0.0.5", 443)),
@@ -277,13 +329,15 @@ ENV_TABLE: list[tuple[str, str, str, Any]] = [
     ("MTLS_PROXY_METRICS_NAMESPACE", "mtls-proxy/prod-stack", "metrics.namespace", "mtls-proxy/prod-stack"),
     ("MTLS_PROXY_METRICS_INTERVAL", "30", "metrics.interval", 30.0),
     ("MTLS_PROXY_ALLOW_ALL_VERIFIED", "yes", "allow_all_verified", True),
+    ("MTLS_PROXY_IDENTITY_CLIENT_CERT_HEADER", "true", "identity.client_cert_header", True),
 ]
 
 
 def test_env_table_covers_every_schema_key() -> None:
     expected = {f"MTLS_PROXY_{section.upper()}_{key.upper()}"
                 for section, keys in config.loader._SECTIONS.items() for key in keys}
-    expected |= {f"MTLS_PROXY_{key.upper()}" for key in config.loader._TOP_KEYS}
+    # MTLS_PROXY_ALLOW_FROM replaces the inline rules MINIMAL has: test_allow_from_the_environment covers it.
+    expected |= {f"MTLS_PROXY_{key.upper()}" for key in config.loader._TOP_KEYS if key != "allow_from"}
     assert {row[0] for row in ENV_TABLE} == expected
 
 
@@ -379,7 +433,7 @@ FILE_ERRORS: list[tuple[str, str, str, str]] = [
     ("server", "tls_versions = [1.2]", "server.tls_versions", "expected a list of strings"),
     ("server", "ciphers = 5", "server.ciphers", "expected a string"),
     ("server", "listen = 8443", "server.listen", "host:port"),
-    ("server", 'crl = ""', "server.crl", "expected a file path or env:NAME"),
+    ("server", 'crl = ""', "server.crl", "expected a file path, env:NAME, s3://bucket/key"),
     ("server", 'crl = "env:1BAD"', "server.crl", "bad environment variable name"),
     ("upstream", 'read_timeout = "30"', "upstream.read_timeout", "expected a number"),
     ("upstream", "verify = 1", "upstream.verify", "expected true or false"),
@@ -534,7 +588,7 @@ def policy_refusals() -> list[tuple[AllowRule, str]]:
 
     out = []
     for rule, message in POLICY_ERRORS:
-        fields = {f: getattr(rule, f) for f in AllowRule.__dataclass_fields__}
+        fields = {f: getattr(rule, f) for f in AllowRule.__dataclass_fields__ if hasattr(rule, f)}
         if any(isinstance(v, str) for k, v in fields.items() if k != "name") or any(
                 not isinstance(x, str) for k, v in fields.items() if k != "name" for x in v):
             continue  # a wrong type: the loader's type check answers those, before any value check
@@ -587,7 +641,7 @@ def test_required_keys(tmp_path: Path, missing: str, key: str) -> None:
 def test_a_wrong_required_key_is_reported_once(tmp_path: Path) -> None:
     # Regression: a present-but-invalid required key also produced "server.cert: required".
     assert errors(write(tmp_path, MINIMAL.replace('cert = "server.crt"', "cert = 5"))) == [
-        "server.cert: expected a file path or env:NAME"]
+        "server.cert: expected " + SYNTAX]
     lines = errors(write(tmp_path, MINIMAL.replace("[server]", "server = 5\n[other]")))
     assert lines[0] == "server: expected a table" and "server.cert: required" not in lines
 
@@ -680,3 +734,107 @@ def test_address_prints_as_it_is_written_in_the_config() -> None:
     """An address is named in error lines ("cannot listen on [::1]:9443"): IPv6 keeps its brackets."""
     assert str(Address("::1", 9443)) == "[::1]:9443"
     assert str(Address("0.0.0.0", 8443)) == "0.0.0.0:8443"
+
+
+# ---- [identity] and per-rule rate limits ----------------------------------------------------------------------
+
+RULE = '[[allow]]\nname = "p"\nsubject_cn = ["client-a"]\n'
+BASE = MINIMAL.split("[[allow]]")[0]
+
+
+def test_identity_client_cert_header_defaults_off(tmp_path: Path) -> None:
+    assert load(write(tmp_path, MINIMAL)).identity.client_cert_header is False
+    cfg = load(write(tmp_path, MINIMAL + "[identity]\nclient_cert_header = true\n"))
+    assert cfg.identity.client_cert_header is True
+
+
+def test_identity_unknown_key_is_named(tmp_path: Path) -> None:
+    assert errors(write(tmp_path, MINIMAL + "[identity]\nclient_cert = true\n")) == [
+        "identity.client_cert: unknown key"]
+
+
+@pytest.mark.parametrize("extra, rate, burst", [
+    ("", None, None),
+    ("rate_limit = 5\n", 5.0, None),  # burst left to the default (ceil(rate_limit), applied by proxy.partners)
+    ("rate_limit = 0.5\nburst = 4\n", 0.5, 4),
+])
+def test_rate_limit_and_burst(tmp_path: Path, extra: str, rate: float | None, burst: int | None) -> None:
+    (rule,) = load(write(tmp_path, BASE + RULE + extra)).allow
+    assert (rule.rate_limit, rule.burst) == (rate, burst)
+
+
+@pytest.mark.parametrize("extra, problem", [
+    ("burst = 3\n", "allow[0].burst: needs rate_limit in the same rule"),
+    ("rate_limit = 0\n", "allow[0].rate_limit: must be more than 0 and at most 1e+06 requests per second, got 0"),
+    ("rate_limit = -2\n", "allow[0].rate_limit: must be more than 0"),
+    ("rate_limit = nan\n", "allow[0].rate_limit: must be more than 0"),
+    ("rate_limit = inf\n", "allow[0].rate_limit: must be more than 0"),
+    ("rate_limit = 2000000\n", "allow[0].rate_limit: must be more than 0"),
+    ("rate_limit = 1\nburst = 0\n", "allow[0].burst: must be between 1 and 1000000, got 0"),
+    ("rate_limit = 1\nburst = 1.5\n", "allow[0].burst: expected an integer, got 1.5"),
+    ("rate_limit = \"fast\"\n", "allow[0].rate_limit: expected a number, got 'fast'"),
+])
+def test_bad_rate_limits_name_the_key(tmp_path: Path, extra: str, problem: str) -> None:
+    (line,) = errors(write(tmp_path, BASE + RULE + extra))
+    assert line.startswith(problem), line
+
+
+def test_rate_limit_from_the_environment_rules(tmp_path: Path) -> None:
+    env = {"MTLS_PROXY_ALLOW": '[{"name": "p", "subject_cn": ["a"], "burst": 2}]'}
+    assert errors(write(tmp_path, BASE), env) == [
+        "MTLS_PROXY_ALLOW[0].burst: needs rate_limit in the same rule (burst is how many requests may come at once)"]
+
+
+# ---- allow_from: rules from a document ---------------------------------------------------------------------
+
+NO_RULES = MINIMAL.split("[[allow]]")[0]
+
+
+@pytest.mark.parametrize("name, text", [
+    ("rules.toml", '[[allow]]\nname = "partner-b"\nsubject_cn = ["client-b"]\nmethods = ["GET"]\n'),
+    ("rules.json", '[{"name": "partner-b", "subject_cn": ["client-b"], "methods": ["GET"]}]'),
+    ("rules2.json", '{"allow": [{"name": "partner-b", "subject_cn": ["client-b"], "methods": ["GET"]}]}'),
+])
+def test_allow_from_a_toml_or_json_document(tmp_path: Path, name: str, text: str) -> None:
+    (tmp_path / name).write_text(text)
+    cfg = load(write(tmp_path, edit(NO_RULES, "", f'allow_from = "{name}"')))
+    assert cfg.allow == (AllowRule(name="partner-b", subject_cn=("client-b",), methods=("GET",)),)
+    assert cfg.allow_from == PemSource(path=tmp_path / name)
+    assert tmp_path / name in cfg.watched_files  # a file document is reloaded like the config file
+
+
+def test_allow_from_rules_are_validated_like_inline_rules(tmp_path: Path) -> None:
+    (tmp_path / "rules.toml").write_text('[[allow]]\nname = "p"\nsubject_cn = ["c"]\nmethods = ["get"]\n'
+                                         '[[allow]]\nsubject_cn = ["d"]\n')
+    lines = errors(write(tmp_path, edit(NO_RULES, "", 'allow_from = "rules.toml"')))
+    assert lines == ["allow_from.allow[1].name: required",
+                     "allow_from.allow[0].methods[0]: must be an uppercase HTTP method such as 'GET', got 'get'"], lines
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("[[allow]\n", "invalid TOML"), ("[{]", "invalid JSON"), ('{"rules": []}', "unknown key 'rules'"),
+    ("[server]\nlisten = \"x\"\n", "unknown key 'server'"), ('{"allow": 5}', "expected a list of rules")])
+def test_a_bad_rules_document_is_one_line(tmp_path: Path, text: str, fragment: str) -> None:
+    (tmp_path / "rules.doc").write_text(text)
+    lines = errors(write(tmp_path, edit(NO_RULES, "", 'allow_from = "rules.doc"')))
+    assert len(lines) == 1 and lines[0].startswith(f"allow_from: {tmp_path / 'rules.doc'}: ") \
+        and fragment in lines[0], lines
+
+
+def test_allow_from_and_inline_rules_together_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "rules.toml").write_text('[[allow]]\nname = "p"\nsubject_cn = ["c"]\n')
+    assert errors(write(tmp_path, edit(MINIMAL, "", 'allow_from = "rules.toml"'))) == [
+        "allow_from: allow rules and allow_from together: give the rules in one place"]
+
+
+def test_allow_from_a_missing_document_names_the_key(tmp_path: Path) -> None:
+    assert errors(write(tmp_path, edit(NO_RULES, "", 'allow_from = "absent.toml"'))) == [
+        f"allow_from: {tmp_path / 'absent.toml'}: file not found"]
+
+
+def test_allow_from_the_environment(tmp_path: Path) -> None:
+    (tmp_path / "rules.json").write_text('[{"name": "p", "subject_cn": ["c"]}]')
+    cfg = load(write(tmp_path, NO_RULES), {"MTLS_PROXY_ALLOW_FROM": str(tmp_path / "rules.json")})
+    assert [r.name for r in cfg.allow] == ["p"]
+    assert errors(write(tmp_path, NO_RULES), {"MTLS_PROXY_ALLOW_FROM": "http://h/rules.json"})[0].startswith(
+        "MTLS_PROXY_ALLOW_FROM: http://h/rules.json: plain http://")

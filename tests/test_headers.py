@@ -17,12 +17,13 @@ from proxy.headers import (
     response_head,
     upstream_block,
 )
+from proxy.client_cert import rfc9440_lines
 from proxy.identity import Identity
 
 IDENTITY = Identity(
     subject="CN=client-a,O=Partner\\, Inc.", common_names=("client-a",), san_dns=("a.partner.test",), san_uri=(),
     serial="1F2E3D", fingerprint="0f" * 32, not_after=2_000_000_000.0,
-    xfcc='Hash=' + "0f" * 32 + ';Subject="CN=client-a,O=Partner\\, Inc."')
+    xfcc='Hash=' + "0f" * 32 + ';Subject="CN=client-a,O=Partner\\, Inc."', thumbprint="Dw8" * 14 + "8")
 
 
 def upstream(**changes: object) -> UpstreamConfig:
@@ -67,6 +68,7 @@ def test_connection_block_contents_and_order() -> None:
         b"x-apigw-api-id: abc\r\n"
         b"X-Client-Cert-Subject: CN=client-a,O=Partner\\, Inc.\r\n"
         b"X-Client-Cert-Fingerprint: " + b"0f" * 32 + b"\r\n"
+        b"X-Client-Cert-Thumbprint: " + b"Dw8" * 14 + b"8\r\n"
         b"X-Client-Cert-Serial: 1F2E3D\r\n"
         b"X-Forwarded-Client-Cert: Hash=" + b"0f" * 32 + b';Subject="CN=client-a,O=Partner\\, Inc."\r\n'
         b"X-Forwarded-For: 192.0.2.7\r\n"
@@ -75,9 +77,9 @@ def test_connection_block_contents_and_order() -> None:
 
 def test_connection_block_names_the_vpc_endpoint_last_when_known() -> None:
     block = connection_block(b"Host: api.test\r\n", IDENTITY, "2001:db8::7", "vpce-0123456789abcdef0")
-    assert names(block) == [b"Host", b"X-Client-Cert-Subject", b"X-Client-Cert-Fingerprint", b"X-Client-Cert-Serial",
-                            b"X-Forwarded-Client-Cert", b"X-Forwarded-For", b"X-Forwarded-Proto",
-                            b"X-Client-Vpce-Id"]
+    assert names(block) == [b"Host", b"X-Client-Cert-Subject", b"X-Client-Cert-Fingerprint",
+                            b"X-Client-Cert-Thumbprint", b"X-Client-Cert-Serial", b"X-Forwarded-Client-Cert",
+                            b"X-Forwarded-For", b"X-Forwarded-Proto", b"X-Client-Vpce-Id"]
     assert block.endswith(b"X-Forwarded-For: 2001:db8::7\r\nX-Forwarded-Proto: https\r\n"
                           b"X-Client-Vpce-Id: vpce-0123456789abcdef0\r\n")
 
@@ -89,12 +91,20 @@ def test_no_vpce_header_without_an_endpoint_id(vpce: str | None) -> None:
 
 def test_every_added_header_except_host_is_spoofable() -> None:
     """A client can never pre-set a header the proxy adds: the parser drops every SPOOFABLE name first."""
-    block = connection_block(upstream_block(upstream(api_id="abc")), IDENTITY, "10.0.0.1", "vpce-1")
+    block = connection_block(upstream_block(upstream(api_id="abc")), IDENTITY, "10.0.0.1", "vpce-1",
+                             rfc9440_lines(b"leaf", (b"intermediate",)))
     added = {n.lower() for n in names(block)} - {b"host"}
     assert added <= SPOOFABLE
     assert added == {b"x-apigw-api-id", b"x-client-cert-subject", b"x-client-cert-fingerprint",
-                     b"x-client-cert-serial", b"x-forwarded-client-cert", b"x-forwarded-for", b"x-forwarded-proto",
-                     b"x-client-vpce-id"}
+                     b"x-client-cert-thumbprint", b"x-client-cert-serial", b"x-forwarded-client-cert",
+                     b"x-forwarded-for", b"x-forwarded-proto", b"x-client-vpce-id", b"client-cert", b"client-cert-chain"}
+
+
+def test_rfc9440_lines_come_last_and_only_when_given() -> None:
+    plain = connection_block(b"Host: api.test\r\n", IDENTITY, "10.0.0.1", None)
+    assert b"\r\nClient-Cert:" not in plain and b"\r\nClient-Cert-Chain:" not in plain
+    lines = rfc9440_lines(b"leaf", ())
+    assert connection_block(b"Host: api.test\r\n", IDENTITY, "10.0.0.1", None, lines) == plain + lines
 
 
 def test_spoofable_also_covers_other_forwarding_headers_and_is_lowercase() -> None:

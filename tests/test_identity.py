@@ -3,6 +3,7 @@ odd ones), one real TLS handshake, escaping tables, and a hypothesis property fo
 
 from __future__ import annotations
 
+import base64
 import datetime
 import hashlib
 import ipaddress
@@ -162,6 +163,8 @@ def test_trustme_certificate_fields() -> None:
     assert ident.subject == cert.subject.rfc4514_string()
     assert ident.subject.startswith("CN=partner-a,OU=Testing cert ")
     assert ident.fingerprint == hashlib.sha256(der).hexdigest()
+    # RFC 8705 §3.1 x5t#S256, computed independently: base64url of the SHA-256 digest, no padding
+    assert ident.thumbprint == base64.urlsafe_b64encode(hashlib.sha256(der).digest()).decode().rstrip("=")
     assert ident.serial == format(cert.serial_number, "X")
     assert ident.not_after == cert.not_valid_after_utc.timestamp()
     assert ident.san_parse_failed is False

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from typing import Any
 
 import prometheus_client
@@ -215,7 +216,10 @@ def test_families_parse_back_to_the_snapshot_values() -> None:
         "mtls_proxy_connections_active": "gauge", "mtls_proxy_connections": "counter",
         "mtls_proxy_connections_rejected": "counter", "mtls_proxy_cert_expiry_timestamp_seconds": "gauge",
         "mtls_proxy_reloads": "counter", "mtls_proxy_proxy_protocol_errors": "counter",
-        "mtls_proxy_log_lines_dropped": "counter"}
+        "mtls_proxy_log_lines_dropped": "counter",
+        "mtls_proxy_client_cert_expiry_timestamp_seconds": "gauge", "mtls_proxy_cert_tracking_dropped": "counter",
+        "mtls_proxy_rate_limit_evictions": "counter", "mtls_proxy_source_errors": "counter",
+        "mtls_proxy_source_age_seconds": "gauge"}
     requests = {k[1]: val for k, val in v.items() if k[0] == "mtls_proxy_requests_total"}
     assert requests == {lab(method="GET", status="200", rule="partner-a"): 2,
                         lab(method="POST", status="403", rule=""): 1,
@@ -280,7 +284,7 @@ def test_label_values_are_escaped_in_the_exposition() -> None:
 def test_families_can_be_built_again_from_the_same_snapshot() -> None:
     snap: Any = busy().snapshot()
     first = [(f.name, f.samples) for f in metrics.families(snap)]
-    assert first == [(f.name, f.samples) for f in metrics.families(snap)] and len(first) == 13
+    assert first == [(f.name, f.samples) for f in metrics.families(snap)] and len(first) == 18
 
 
 def test_status_label_for_any_three_digit_status() -> None:
@@ -289,3 +293,13 @@ def test_status_label_for_any_three_digit_status() -> None:
     m.request("GET", 799, "r", 0.001, None)
     m.request("GET", 200, "r", 0.001, None)
     assert m.requests == {("GET", "799", "r"): 1, ("GET", "200", "r"): 1}
+
+
+def test_source_metrics_are_labelled_by_config_key_and_merge_across_workers() -> None:
+    a, b = Metrics(), Metrics()
+    a.source_errors, a.source_last_ok = {"server.crl": 3}, {"server.crl": time.monotonic() - 100}
+    b.source_errors, b.source_last_ok = {"server.crl": 2}, {"server.crl": time.monotonic() - 5}
+    _, v = scrape(merge([a.snapshot(), b.snapshot()]))
+    assert v[("mtls_proxy_source_errors_total", frozenset({("source", "server.crl")}))] == 5
+    age = v[("mtls_proxy_source_age_seconds", frozenset({("source", "server.crl")}))]
+    assert 100 <= age < 200  # the stalest worker's copy

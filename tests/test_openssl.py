@@ -89,8 +89,9 @@ def test_every_capability_works_on_this_python() -> None:
 
 def test_the_capability_table() -> None:
     names = [cap.name for cap in openssl.CAPABILITIES]
-    assert names == ["verify_depth", "read_ahead", "has_pending", "sslobj_io"]
-    assert [cap.name for cap in openssl.CAPABILITIES if cap.security] == ["verify_depth"]
+    assert names == ["verify_depth", "client_ca_names", "client_sigalgs", "read_ahead", "has_pending", "sslobj_io"]
+    assert [cap.name for cap in openssl.CAPABILITIES if cap.security] == ["verify_depth", "client_ca_names",
+                                                                          "client_sigalgs"]
     assert all(cap.does and cap.without for cap in openssl.CAPABILITIES)
 
 
@@ -254,3 +255,55 @@ def test_an_unchecked_python_layout_gets_no_pointer(monkeypatch: pytest.MonkeyPa
 def test_objects_that_are_not_ssl_contexts_are_refused() -> None:
     with pytest.raises(openssl.Unavailable, match="not an ssl.SSLContext"):
         openssl.set_verify_depth(object(), 2)  # type: ignore[arg-type]
+
+
+# --- client CA names and client signature algorithms -------------------------------------------------------------
+
+
+def _der(path: Path) -> list[bytes]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return [c.public_bytes(Encoding.DER) for c in x509.load_pem_x509_certificates(path.read_bytes())]
+
+
+def test_client_ca_names_are_added_and_read_back(pki: Pki) -> None:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    assert openssl.client_ca_names_count(ctx) == 0
+    cas = _der(pki.client_ca)
+    openssl.set_client_ca_names(ctx, cas)
+    assert openssl.client_ca_names_count(ctx) == len(cas) >= 2
+
+
+def test_the_proxys_server_context_sends_every_client_ca_by_default(pki: Pki) -> None:
+    assert openssl.client_ca_names_count(server_context(pki)) == len(_der(pki.client_ca))
+    private = tls.build_server_context(server_cfg(pki, crl=None, send_client_ca_names=False))[0]
+    assert openssl.client_ca_names_count(private) == 0
+
+
+def test_a_bad_client_ca_certificate_is_refused() -> None:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with pytest.raises(openssl.Unavailable, match="d2i_X509"):
+        openssl.set_client_ca_names(ctx, [b"\x30\x03\x02\x01\x00"])
+    assert openssl.client_ca_names_count(ctx) == 0
+
+
+def test_client_sigalgs_that_openssl_refuses_are_a_config_error_naming_the_key(pki: Pki) -> None:
+    with pytest.raises(ValueError, match="NOPE"):
+        openssl.set_client_sigalgs(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), "RSA+NOPE")
+    with pytest.raises(ConfigError) as info:
+        tls.build_server_context(server_cfg(pki, crl=None, client_sigalgs="RSA+NOPE"))
+    assert info.value.key == "server.client_sigalgs"
+
+
+def test_a_forged_context_gets_no_ca_names_and_no_sigalgs(monkeypatch: pytest.MonkeyPatch, pki: Pki) -> None:
+    forged = ctypes.create_string_buffer(64 * 1024)
+    monkeypatch.setattr(openssl, "_ctx_address", lambda ctx: ctypes.addressof(forged))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    with pytest.raises(openssl.Unavailable):
+        openssl.set_client_ca_names(ctx, _der(pki.client_ca))
+    with pytest.raises(openssl.Unavailable):
+        openssl.set_client_sigalgs(ctx, "ECDSA+SHA256")
+    assert forged.raw == bytes(len(forged))

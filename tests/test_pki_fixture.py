@@ -36,7 +36,7 @@ DEPTH_ZERO_SELF_SIGNED_CERT = 18
 DER, PEM = Encoding.DER, Encoding.PEM
 
 TLS_VERSIONS = [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3]
-ACCEPTED = ["good", "rsa", "other", "via_intermediate", "self_signed", "weird", "too_deep"]
+ACCEPTED = ["good", "renewed", "rsa", "other", "via_intermediate", "self_signed", "weird", "too_deep"]
 REJECTED = {
     "expired": CERT_HAS_EXPIRED,
     "not_yet_valid": CERT_NOT_YET_VALID,

@@ -1,5 +1,5 @@
 """runtime: build_runtime collects every file problem; Runtime.peer parses a certificate once and builds the
-per-connection header block with that connection's own address."""
+per-connection header block with that connection's own address, and the RFC 9440 lines a resumed session reuses."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from cryptography.x509.oid import ExtensionOID
 from proxy import config as config_mod
 from proxy import runtime
 from proxy.config import AllowRule
+from proxy.client_cert import rfc9440_lines
 from proxy.errors import ConfigErrors
 from tests.harness import write_config
 from tests.pki import Pki
@@ -87,3 +88,40 @@ def test_unreadable_sans_are_logged_once_per_certificate(rt: runtime.Runtime, pk
     assert len(warned) == 1
     fields = warned[0].fields  # type: ignore[attr-defined]
     assert fields == {"subject": "CN=svc", "fingerprint": first.identity.fingerprint}
+
+
+# ---- RFC 9440 lines and resumed sessions --------------------------------------------------------------------
+
+
+@pytest.fixture
+def rt_cert_header(tmp_path: Path, pki: Pki) -> runtime.Runtime:
+    path = write_config(tmp_path / "h.toml", pki, 9, identity={"client_cert_header": True})
+    return runtime.build_runtime(config_mod.load(path, {}))
+
+
+def test_no_rfc9440_lines_unless_configured(rt: runtime.Runtime, pki: Pki) -> None:
+    der = pki.clients["via_intermediate"].der
+    block = rt.peer(der, "10.0.0.1", None, ([der, b"inter"], [der, b"inter", b"root"])).block
+    assert b"\r\nClient-Cert:" not in block and b"X-Client-Cert-Thumbprint: " in block
+
+
+def test_a_resumed_session_gets_the_lines_of_its_full_handshake(rt_cert_header: runtime.Runtime, pki: Pki,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    der = pki.clients["via_intermediate"].der
+    full = rt_cert_header.peer(der, "10.0.0.1", None, ([der, b"inter"], [der, b"inter", b"root"])).block
+    assert rfc9440_lines(der, (b"inter",)) in full
+    resumed = rt_cert_header.peer(der, "10.0.0.2", None, (None, None)).block  # OpenSSL kept no chain
+    assert rfc9440_lines(der, (b"inter",)) in resumed
+    assert "chain unknown" not in caplog.text
+
+
+def test_a_forgotten_chain_sends_client_cert_alone_with_a_warning(rt_cert_header: runtime.Runtime, pki: Pki,
+                                                                  caplog: pytest.LogCaptureFixture,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime, "CHAIN_MEMO", 1)
+    a, b = pki.clients["via_intermediate"].der, pki.clients["good"].der
+    rt_cert_header.peer(a, "10.0.0.1", None, ([a, b"inter"], [a, b"inter", b"root"]))
+    rt_cert_header.peer(b, "10.0.0.1", None, ([b], [b, b"root"]))  # the memo holds one leaf: "a" is dropped
+    block = rt_cert_header.peer(a, "10.0.0.1", None, (None, None)).block
+    assert rfc9440_lines(a, ()) in block and b"Client-Cert-Chain" not in block
+    assert "client certificate chain unknown on a resumed TLS session" in caplog.text

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from proxy.cert_tracker import CertTable
 from proxy.metrics import Metrics
 from proxy.supervisor import Worker, WorkerControl
 
@@ -33,14 +34,16 @@ class Channel:
         parent.setblocking(False)
         self.state: dict[str, Any] = {"ready": True, "metrics": Metrics()}
         self.answers = 0
+        self.fulls = 0
         self.control = WorkerControl(child.detach(), self.snapshot)
         self.worker = Worker(0)
         self.worker.control = parent
         self.worker.proc = SimpleNamespace(returncode=None)  # type: ignore[assignment]
         self.listening = False
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, full: bool = False) -> dict[str, Any]:
         self.answers += 1
+        self.fulls += full
         return {"ready": self.state["ready"], "metrics": self.state["metrics"].snapshot()}
 
     def start(self) -> None:
@@ -183,3 +186,53 @@ async def test_control_stops_listening_when_the_supervisor_goes_away(channel: Ch
         while fd in selector.get_map():  # WorkerControl removes its reader at EOF: no readable-forever spin
             await asyncio.sleep(0.01)
     assert channel.answers == 0
+
+
+# ---- certificate changes ride on the same answers (proxy.cert_tracker) -----------------------------------------
+
+
+class CertChannel(Channel):
+    """A channel whose worker side also answers with its certificate table's changes, as server.run() wires it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.table = CertTable()
+
+    def snapshot(self, full: bool = False) -> dict[str, Any]:
+        answer = super().snapshot(full)
+        answer["certs"] = self.table.changes(full)
+        return answer
+
+
+@pytest.fixture
+async def cert_channel() -> AsyncIterator[CertChannel]:
+    ch = CertChannel(asyncio.get_running_loop())
+    ch.start()
+    yield ch
+    ch.close()
+
+
+async def test_certificates_arrive_as_changes_after_one_full_table(cert_channel: CertChannel) -> None:
+    merged = CertTable()
+    cert_channel.table.seen("partner-a", "fp-a", "CN=a", "0A", 2e9, 1e9)
+    await cert_channel.worker.poll(merged)
+    assert cert_channel.fulls == 1  # a new worker: the whole table first
+    assert [e.fingerprint for e in merged] == ["fp-a"]
+    cert_channel.table.seen("partner-b", "fp-b", "CN=b", "0B", 2e9, 1e9 + 1)
+    answer = await cert_channel.worker.poll(merged)
+    assert cert_channel.fulls == 1 and "certs" not in answer  # then only changes; the feed is not kept in .last
+    assert sorted(e.fingerprint for e in merged) == ["fp-a", "fp-b"]
+
+
+async def test_a_lost_answer_is_repaired_with_a_full_table(cert_channel: CertChannel) -> None:
+    merged = CertTable()
+    await cert_channel.worker.poll(merged)
+    cert_channel.stop_answering()
+    cert_channel.table.seen("partner-a", "fp-lost", "CN=l", "01", 2e9, 1e9)
+    assert (await cert_channel.worker.poll(merged, timeout=0.2))["ready"] is False  # gave up waiting
+    cert_channel.start()  # the worker answers the old request late: that answer is discarded unread
+    await asyncio.sleep(0.05)
+    await cert_channel.worker.poll(merged)  # numbering gap noticed
+    await cert_channel.worker.poll(merged)  # ... so this one asked for the whole table
+    assert cert_channel.fulls == 2
+    assert [e.fingerprint for e in merged] == ["fp-lost"]

@@ -200,7 +200,9 @@ def test_non_pem_file(pki: Pki, tmp_path: Path, key: str) -> None:
     junk = tmp_path / "junk.der"
     junk.write_bytes(b"\x30\x82\x01\x00 not pem at all")
     err = config_error(pki, **{key: PemSource(junk)})
-    assert err.key == f"server.{key}" and str(junk) in err.message and "no PEM data" in err.message
+    # A CRL may be DER (what distribution points serve), so DER-looking junk is reported as a bad DER CRL.
+    expected = "bad DER CRL" if key == "crl" else "no PEM data"
+    assert err.key == f"server.{key}" and str(junk) in err.message and expected in err.message
 
 
 @pytest.mark.parametrize(("content", "fragment"), [
@@ -483,3 +485,59 @@ def test_pem_from_environment_never_touches_the_disk(pki: Pki, monkeypatch: pyte
     assert ctx.verify_mode == ssl.CERT_REQUIRED
     assert list(tmp_path.iterdir()) == []
     assert not any(p.endswith(".pem") for p in opened)
+
+
+# ---- the client's chains, as RFC 9440 Client-Cert-Chain needs them ------------------------------------------------
+
+
+def _pump(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext,
+          session: ssl.SSLSession | None = None) -> tuple[ssl.SSLObject, ssl.SSLObject]:
+    """A full mTLS handshake over memory BIOs (no sockets), then one byte each way."""
+    s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname="localhost", session=session)
+    done = {server: False, client: False}
+    for _ in range(20):
+        for end in (client, server):
+            if not done[end]:
+                try:
+                    end.do_handshake()
+                    done[end] = True
+                except ssl.SSLWantReadError:
+                    pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if all(done.values()):
+            break
+    client.write(b"x")
+    s_in.write(c_out.read())
+    assert server.read(1) == b"x"
+    server.write(b"y")
+    c_in.write(s_out.read())
+    assert client.read(1) == b"y"  # (also takes in TLS 1.3 session tickets)
+    return server, client
+
+
+def _ders(path: Path) -> list[bytes]:
+    return [c.public_bytes(serialization.Encoding.DER) for c in x509.load_pem_x509_certificates(path.read_bytes())]
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=lambda v: v.name)
+def test_peer_chains_on_the_server_side(pki: Pki, version: ssl.TLSVersion) -> None:
+    client = pki.clients["via_intermediate"]
+    server, _ = _pump(build(pki), pki.client_context(client, tls_max=version))
+    sent, verified = tls.peer_chains(server)  # type: ignore[arg-type]  # an SSLObject has the same _sslobj
+    leaf, intermediate = _ders(client.cert)
+    root = _ders(pki.client_ca_only)[0]
+    assert sent == [leaf, intermediate]  # Python puts the leaf first on a server (OpenSSL leaves it out)
+    assert verified == [leaf, intermediate, root]
+
+
+def test_peer_chains_are_unknown_on_a_resumed_session(pki: Pki) -> None:
+    server_ctx = build(pki)
+    client_ctx = pki.client_context(pki.clients["via_intermediate"], tls_max=ssl.TLSVersion.TLSv1_2)
+    _, first = _pump(server_ctx, client_ctx)
+    server, second = _pump(server_ctx, client_ctx, session=first.session)
+    assert second.session_reused
+    assert tls.peer_chains(server) == (None, None)  # type: ignore[arg-type]
+    assert server.getpeercert(binary_form=True) == pki.clients["via_intermediate"].der  # the leaf is still known

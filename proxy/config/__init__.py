@@ -13,6 +13,7 @@ from __future__ import annotations
 from .loader import load
 from .model import (
     DEFAULT_CIPHERS,
+    DEFAULT_CLIENT_SIGALGS,
     DEFAULTS,
     ENV_PREFIX,
     ENVIRONMENT,
@@ -20,6 +21,7 @@ from .model import (
     AdminConfig,
     AllowRule,
     Config,
+    IdentityConfig,
     LogConfig,
     MetricsConfig,
     PemSource,
@@ -28,5 +30,5 @@ from .model import (
     replace,
 )
 
-__all__ = ["DEFAULTS", "DEFAULT_CIPHERS", "ENVIRONMENT", "ENV_PREFIX", "Address", "AdminConfig", "AllowRule", "Config",
-           "LogConfig", "MetricsConfig", "PemSource", "ServerConfig", "UpstreamConfig", "load", "replace"]
+__all__ = ["DEFAULTS", "DEFAULT_CIPHERS", "DEFAULT_CLIENT_SIGALGS", "ENVIRONMENT", "ENV_PREFIX", "Address", "AdminConfig", "AllowRule", "Config",
+           "IdentityConfig", "LogConfig", "MetricsConfig", "PemSource", "ServerConfig", "UpstreamConfig", "load", "replace"]

@@ -9,8 +9,10 @@ Environment overrides: ``MTLS_PROXY_<SECTION>_<KEY>`` (``MTLS_PROXY_UPSTREAM_REA
 ``MTLS_PROXY_<KEY>``, lists as JSON arrays, the whole rule list as JSON in ``MTLS_PROXY_ALLOW``.  An unknown
 ``MTLS_PROXY_*`` variable is an error, so a typo cannot silently leave a default in place.
 
-PEM sources (``cert``, ``key``, ``client_ca``, ``crl``, ``ca_bundle``) are file paths, or ``env:NAME`` to read
-the PEM text from environment variable NAME (how ECS injects Secrets Manager secrets).  Relative paths in the file
+PEM sources (``cert``, ``key``, ``client_ca``, ``crl``, ``ca_bundle``) are file paths, ``env:NAME`` (the PEM text of
+environment variable NAME, how ECS injects secrets), or remote sources: ``s3://bucket/key``,
+``secretsmanager:NAME_OR_ARN``, ``ssm:/parameter/name``; ``https://`` for CA bundles and the CRL, ``http://`` for
+the CRL only (``proxy.sources.location`` owns the grammar; this module decides which key takes which kind).  Relative paths in the file
 are relative to the file's directory; relative paths from the environment are relative to the working directory.
 
 Must not: open certificates or sockets (``proxy.tls`` loads and checks the PEM files), or exit the process.
@@ -28,6 +30,7 @@ from typing import Any
 
 from .. import cpus
 from ..errors import ConfigError, ConfigErrors
+from ..sources import location
 from . import values
 from .model import (
     DEFAULTS,
@@ -36,6 +39,7 @@ from .model import (
     AdminConfig,
     AllowRule,
     Config,
+    IdentityConfig,
     LogConfig,
     MetricsConfig,
     PemSource,
@@ -47,28 +51,35 @@ from .model import (
 # Raw key types; the section tables below drive both TOML and environment parsing.
 _STR, _BOOL, _INT, _FLOAT, _LIST, _PEM, _ADDR = "str", "bool", "int", "float", "list", "pem", "address"
 _WORKERS = "workers"  # an integer, or "auto": the CPUs this process may use (proxy.cpus), resolved at load
+# PEM keys by what they may hold: a certificate or private key never comes over a plain URL; CA bundles may come
+# from https:// (verified with the system trust store); a CRL (signed by its CA) also from an http:// distribution
+# point.  A CA bundle over plain http:// would let anyone on the path choose the proxy's trust anchors.
+_PEM_PUBLIC, _PEM_CRL, _RULES_SRC = "pem-public", "pem-crl", "rules-source"
+_PEM_KINDS = {_PEM: location.KINDS_FOR_SECRETS, _PEM_PUBLIC: location.KINDS_FOR_PUBLIC,
+              _PEM_CRL: location.KINDS_FOR_CRL, _RULES_SRC: location.KINDS_FOR_PUBLIC}
 
 _SERVER_KEYS = {
-    "listen": _ADDR, "cert": _PEM, "key": _PEM, "client_ca": _PEM, "crl": _PEM, "tls_versions": _LIST,
-    "ciphers": _STR, "verify_depth": _INT, "max_body_bytes": _INT, "proxy_protocol": _BOOL,
+    "listen": _ADDR, "cert": _PEM, "key": _PEM, "client_ca": _PEM_PUBLIC, "crl": _PEM_CRL, "tls_versions": _LIST,
+    "ciphers": _STR, "verify_depth": _INT, "send_client_ca_names": _BOOL, "client_sigalgs": _STR, "max_body_bytes": _INT, "proxy_protocol": _BOOL,
     "proxy_protocol_timeout": _FLOAT, "handshake_timeout": _FLOAT, "header_timeout": _FLOAT,
     "idle_timeout": _FLOAT, "max_connections": _INT, "workers": _WORKERS, "shutdown_timeout": _FLOAT,
-    "reload_interval": _FLOAT,
+    "reload_interval": _FLOAT, "crl_warn_days": _FLOAT,
 }
 _UPSTREAM_KEYS = {
-    "url": _STR, "connect_to": _ADDR, "api_id": _STR, "ca_bundle": _PEM, "verify": _BOOL,
+    "url": _STR, "connect_to": _ADDR, "api_id": _STR, "ca_bundle": _PEM_PUBLIC, "verify": _BOOL,
     "connect_timeout": _FLOAT, "read_timeout": _FLOAT, "pool_max_idle": _INT, "pool_idle_timeout": _FLOAT,
 }
 _ADMIN_KEYS = {"listen": _ADDR}
 _LOG_KEYS = {"access": _BOOL, "level": _STR}
 _METRICS_KEYS = {"emf": _BOOL, "namespace": _STR, "interval": _FLOAT}
+_IDENTITY_KEYS = {"client_cert_header": _BOOL}
 _RULE_KEYS = {
     "name": _STR, "subject_cn": _LIST, "san_dns": _LIST, "san_uri": _LIST, "fingerprint_sha256": _LIST,
-    "source_vpce": _LIST, "methods": _LIST, "paths": _LIST,
+    "source_vpce": _LIST, "methods": _LIST, "paths": _LIST, "rate_limit": _FLOAT, "burst": _INT,
 }
 _SECTIONS = {"server": _SERVER_KEYS, "upstream": _UPSTREAM_KEYS, "admin": _ADMIN_KEYS, "log": _LOG_KEYS,
-             "metrics": _METRICS_KEYS}
-_TOP_KEYS = {"allow_all_verified": _BOOL}
+             "identity": _IDENTITY_KEYS, "metrics": _METRICS_KEYS}
+_TOP_KEYS = {"allow_all_verified": _BOOL, "allow_from": _RULES_SRC}
 _REQUIRED = {"server": ("cert", "key", "client_ca"), "upstream": ("url",)}
 
 _PLACEHOLDERS: dict[str, Any] = {"cert": PemSource(Path("-")), "key": PemSource(Path("-")),
@@ -129,18 +140,15 @@ def _convert(kind: str, value: Any, base_dir: Path | None, from_env: bool) -> An
         if not isinstance(value, str):
             raise ValueError("expected a \"host:port\" string")
         return values.parse_address(value)
-    if kind == _PEM:
-        if not isinstance(value, str) or not value:
-            raise ValueError("expected a file path or env:NAME")
-        if value.startswith("env:"):
-            name = value[4:]
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-                raise ValueError(f"bad environment variable name {name!r}")
-            return PemSource(env=name)
-        path = Path(value)
-        if not path.is_absolute() and base_dir is not None:
-            path = base_dir / path
-        return PemSource(path=path)
+    if kind in _PEM_KINDS:
+        loc = location.parse_location(value, base_dir)
+        if loc.kind not in _PEM_KINDS[kind]:
+            if kind == _PEM:
+                raise ValueError(f"{loc}: a certificate or private key cannot come from an {loc.kind}:// URL "
+                                 "(use a file, env:, s3://, secretsmanager: or ssm:)")
+            raise ValueError(f"{loc}: plain http:// is accepted only for server.crl (a signed CRL); "
+                             "use https://")
+        return PemSource(path=loc.path, env=loc.env, uri=loc.uri)
     raise AssertionError(kind)
 
 
@@ -264,6 +272,12 @@ def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None 
             c.add(_printable(key), "unknown key")
     rules_raw, rules_from_env = _apply_env(environ, values, top, rules_raw, c)
     rules_key = f"{ENV_PREFIX}ALLOW" if rules_from_env else "allow"
+    allow_from: PemSource | None = top.pop("allow_from", None)
+    if allow_from is not None:
+        if rules_raw is not None:
+            c.add("allow_from", f"{rules_key} rules and allow_from together: give the rules in one place")
+        else:
+            rules_raw, rules_key = read_rules_document(allow_from, environ, c), "allow_from.allow"
 
     for section, keys in _REQUIRED.items():
         for key in keys:
@@ -274,10 +288,53 @@ def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None 
                 # A stand-in (never used: there is an error) lets the other values be checked in the same run.
                 values[section][key] = _PLACEHOLDERS[key]
     rules = _rules(rules_raw, base_dir, c, rules_key)
-    cfg = _build(values, top, rules, rules_key, source, environ, c)
+    cfg = _build(values, top, rules, rules_key, source, environ, c, allow_from)
     if c.errors or cfg is None:
         raise ConfigErrors(c.errors)
     return cfg
+
+
+def parse_rules_document(data: bytes) -> list[Any]:
+    """The raw rule list of an ``allow_from`` document: JSON (a list of rule objects, or ``{"allow": [...]}``) or
+    TOML (``[[allow]]`` tables and nothing else).  ValueError with a one-line reason."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+    # JSON: an object, or a list of objects (or empty); anything else is TOML (``[[allow]]`` also starts with "[").
+    if re.match(r"\s*(\{|\[\s*[{\]])", text):
+        try:
+            doc: Any = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"invalid JSON: {exc.msg} (line {exc.lineno})") from None
+    else:
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"invalid TOML: {exc}") from None
+    if isinstance(doc, dict):
+        extra = sorted(set(doc) - {"allow"})
+        if extra:
+            raise ValueError(f"unknown key {extra[0]!r} (a rules document holds only [[allow]] rules)")
+        doc = doc.get("allow", [])
+    if not isinstance(doc, list):
+        raise ValueError("expected a list of rules ([[allow]] tables)")
+    return doc
+
+
+def read_rules_document(src: PemSource, environ: Mapping[str, str], c: _Collector) -> list[Any] | None:
+    """Read the ``allow_from`` document once (remote kinds through ``proxy.sources``; boto3 only for AWS)."""
+    from ..sources.material import Material
+
+    material = Material({"allow_from": src.location}, environ=environ)
+    try:
+        material.load()
+        return parse_rules_document(material["allow_from"])
+    except ConfigErrors as exc:
+        c.errors.extend(exc.errors)
+    except ValueError as exc:
+        c.add("allow_from", f"{src}: {exc}")
+    return None
 
 
 def _rules(raw: Any, base_dir: Path | None, c: _Collector, where: str) -> tuple[AllowRule, ...]:
@@ -306,7 +363,8 @@ def _check_range(c: _Collector, key: str, value: float, low: float, high: float)
 
 
 def _build(values: dict[str, dict[str, Any]], top: dict[str, Any], rules: tuple[AllowRule, ...], rules_key: str,
-           source: str, environ: Mapping[str, str], c: _Collector) -> Config | None:
+           source: str, environ: Mapping[str, str], c: _Collector,
+           allow_from: PemSource | None = None) -> Config | None:
     s, u = values["server"], values["upstream"]
     if s.get("workers") == "auto":
         s["workers"] = cpus.available()
@@ -324,6 +382,7 @@ def _build(values: dict[str, dict[str, Any]], top: dict[str, Any], rules: tuple[
                 "shutdown_timeout"):
         _check_range(c, f"server.{key}", getattr(server, key), 0.01, 86400)
     _check_range(c, "server.reload_interval", server.reload_interval, 0, 86400)
+    _check_range(c, "server.crl_warn_days", server.crl_warn_days, 0, 3650)
 
     upstream = _build_upstream(u, c)
     admin = AdminConfig(**values["admin"])
@@ -344,20 +403,38 @@ def _build(values: dict[str, dict[str, Any]], top: dict[str, Any], rules: tuple[
     names: set[str] = set()
     for i, rule in enumerate(rules):
         _check_rule(c, f"{rules_key}[{i}]", rule, names, server.proxy_protocol)
+        _check_limit(c, f"{rules_key}[{i}]", rule)
     # Rules that were given but are broken already have their lines; "no rules" would be a second one.
-    broken = any(e.key.split("[")[0] in (rules_key, f"{ENV_PREFIX}ALLOW") for e in c.errors)
+    broken = any(e.key.split("[")[0] in (rules_key, f"{ENV_PREFIX}ALLOW", "allow_from") for e in c.errors)
     if not rules and not allow_all and not broken:
         c.add("allow", "no [[allow]] rules: every request would be refused "
                        "(add a rule, or set allow_all_verified = true to admit any verified client)")
     if c.errors or upstream is None:
         return None
     watched = tuple(sorted({src.path for src in (server.cert, server.key, server.client_ca, server.crl,
-                                                upstream.ca_bundle)
+                                                upstream.ca_bundle, allow_from)
                             if src is not None and src.path is not None}))
     if source not in (ENVIRONMENT, DEFAULTS):
         watched = (Path(source).resolve(), *watched)
-    return Config(server=server, upstream=upstream, admin=admin, log=log, metrics=metrics, allow=rules,
-                  allow_all_verified=allow_all, source=source, watched_files=watched)
+    return Config(server=server, upstream=upstream, admin=admin, log=log, metrics=metrics,
+                  identity=IdentityConfig(**values["identity"]), allow=rules,
+                  allow_all_verified=allow_all, allow_from=allow_from, source=source, watched_files=watched)
+
+
+MAX_RATE = 1e6  # requests per second: beyond this a limit is no limit (the bucket works in whole nanoseconds)
+MAX_BURST = 10**6
+
+
+def _check_limit(c: _Collector, where: str, rule: AllowRule) -> None:
+    if rule.rate_limit is None:
+        if rule.burst is not None:
+            c.add(f"{where}.burst", "needs rate_limit in the same rule (burst is how many requests may come at once)")
+        return
+    if not 0 < rule.rate_limit <= MAX_RATE:  # also false for NaN
+        c.add(f"{where}.rate_limit", f"must be more than 0 and at most {MAX_RATE:g} requests per second, "
+                                     f"got {rule.rate_limit:g}")
+    if rule.burst is not None and not 1 <= rule.burst <= MAX_BURST:
+        c.add(f"{where}.burst", f"must be between 1 and {MAX_BURST}, got {rule.burst}")
 
 
 def _build_upstream(u: dict[str, Any], c: _Collector) -> UpstreamConfig | None:

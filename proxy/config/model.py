@@ -25,6 +25,15 @@ DEFAULT_CIPHERS = (
     "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
 )
 
+# Signature algorithms offered for client certificates (the CertificateRequest's signature_algorithms): ECDSA,
+# EdDSA, RSA-PSS and RSA PKCS#1 with SHA-256 or better.  OpenSSL's default list also offers SHA-224, SHA-1 and DSA.
+DEFAULT_CLIENT_SIGALGS = (
+    "ECDSA+SHA256:ECDSA+SHA384:ECDSA+SHA512:ed25519:ed448:"
+    "rsa_pss_pss_sha256:rsa_pss_pss_sha384:rsa_pss_pss_sha512:"
+    "rsa_pss_rsae_sha256:rsa_pss_rsae_sha384:rsa_pss_rsae_sha512:"
+    "RSA+SHA256:RSA+SHA384:RSA+SHA512"
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Address:
@@ -37,13 +46,29 @@ class Address:
 
 @dataclass(frozen=True, slots=True)
 class PemSource:
-    """Where PEM text comes from: a file (reloadable) or an environment variable (fixed for the process)."""
+    """Where PEM text comes from: a file (reloadable), an environment variable (fixed for the process), or a
+    remote source (``uri``: ``s3://bucket/key``, ``secretsmanager:ID``, ``ssm:NAME`` or an http(s) URL; re-read
+    every ``reload_interval`` with a conditional request).  Exactly one field is set."""
 
     path: Path | None = None
     env: str | None = None
+    uri: str | None = None
 
     def __str__(self) -> str:
+        if self.uri is not None:
+            return str(self.location)  # never shows a URL's query string
         return f"env:{self.env}" if self.env else str(self.path)
+
+    @property
+    def location(self) -> Any:
+        """The same place as a ``proxy.sources.Location`` (what the source readers take)."""
+        from ..sources.location import Location
+
+        return Location(path=self.path, env=self.env, uri=self.uri)
+
+    @property
+    def remote(self) -> bool:
+        return self.uri is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +81,8 @@ class ServerConfig:
     tls_versions: tuple[str, ...] = ("1.2", "1.3")
     ciphers: str = DEFAULT_CIPHERS
     verify_depth: int = 2
+    send_client_ca_names: bool = True  # the client_ca subjects in the CertificateRequest (clients pick by them)
+    client_sigalgs: str = DEFAULT_CLIENT_SIGALGS
     max_body_bytes: int = 10 * 1024 * 1024
     proxy_protocol: bool = False
     proxy_protocol_timeout: float = 3.0
@@ -66,6 +93,7 @@ class ServerConfig:
     workers: int = 1  # "auto" in the file or the environment is resolved at load time (proxy.cpus)
     shutdown_timeout: float = 25.0
     reload_interval: float = 30.0
+    crl_warn_days: float = 7.0  # ``check`` warns when a CRL's nextUpdate is this close
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +143,11 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    client_cert_header: bool = False  # RFC 9440 Client-Cert / Client-Cert-Chain
+
+
+@dataclass(frozen=True, slots=True)
 class AllowRule:
     name: str
     subject_cn: tuple[str, ...] = ()
@@ -124,6 +157,8 @@ class AllowRule:
     source_vpce: tuple[str, ...] = ()
     methods: tuple[str, ...] = ()
     paths: tuple[str, ...] = ()
+    rate_limit: float | None = None  # requests per second per client certificate (per worker process)
+    burst: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +168,10 @@ class Config:
     admin: AdminConfig = AdminConfig()
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
+    identity: IdentityConfig = IdentityConfig()
     allow: tuple[AllowRule, ...] = ()
     allow_all_verified: bool = False
+    allow_from: PemSource | None = None  # where the rules came from, when not inline (re-read like PEM sources)
     source: str = DEFAULTS  # the TOML file's path, or ENVIRONMENT / DEFAULTS
     # Files the running proxy watches for hot reload (the config file itself and every file-based PEM source).
     watched_files: tuple[Path, ...] = field(default=(), compare=False)

@@ -208,8 +208,9 @@ Issue = Callable[[HostileCA, str], Credential]
 # unusable: the handshake verified it but the identity parser cannot render it -> closed without a response,
 # logged, nothing forwarded;  unsendable: OpenSSL will not even load it, so no handshake can carry it (the same
 # decoder would reject it on the proxy's side before identity parsing; tests/test_identity.py feeds such bytes
-# to the parser directly).
-SERVED, REFUSED, UNUSABLE, UNSENDABLE = "served", "refused", "unusable", "unsendable"
+# to the parser directly);  too large: its identity headers alone push the request past API Gateway's 10,240
+# bytes of request line and headers -> 431 identity_too_large from the proxy, nothing forwarded.
+SERVED, REFUSED, UNUSABLE, UNSENDABLE, TOO_LARGE = "served", "refused", "unusable", "unsendable", "too_large"
 HOSTILE: dict[str, tuple[Issue, str]] = {
     # chains: verify_depth (2) bounds real chains; certificates that chain to nothing are ignored
     "chain-of-20-certificates": (lambda ca, n: ca.chain(n, 19), REFUSED),
@@ -218,7 +219,7 @@ HOSTILE: dict[str, tuple[Issue, str]] = {
     # size: OpenSSL's certificate-list limit (100 KiB by default) bounds what one handshake may make us read
     "unknown-extension-30k": (lambda ca, n: ca.big_extension(n, 30_000), SERVED),
     "unknown-extension-100k": (lambda ca, n: ca.big_extension(n, 100 * 1024), REFUSED),
-    "2000-dns-sans": (lambda ca, n: ca.many_sans(n, 2000), SERVED),
+    "2000-dns-sans": (lambda ca, n: ca.many_sans(n, 2000), TOO_LARGE),
     "10000-dns-sans": (lambda ca, n: ca.many_sans(n, 10_000), REFUSED),
     # subject encodings the builder can make
     "cn-bmpstring": (lambda ca, n: ca.subject(n, [attribute(CN, "Zürich 漢字 ☃", _ASN1Type.BMPString)]), SERVED),
@@ -229,9 +230,9 @@ HOSTILE: dict[str, tuple[Issue, str]] = {
     "cn-bidi-override": (lambda ca, n: ca.subject(n, [attribute(CN, "\u202egnp.exe\u202c \u200b\ufeff")]), SERVED),
     "cn-log4shell-and-format": (lambda ca, n: ca.subject(n, [attribute(CN, '${jndi:ldap://x/a} %s%n {0} "}\\')]),
                                 SERVED),
-    "cn-10k": (lambda ca, n: ca.subject(n, [attribute(CN, "c" * 10_000)]), SERVED),
+    "cn-10k": (lambda ca, n: ca.subject(n, [attribute(CN, "c" * 10_000)]), TOO_LARGE),
     "500-rdns": (lambda ca, n: ca.subject(n, [attribute(NameOID.ORGANIZATIONAL_UNIT_NAME, f"ou{i},+;")
-                                              for i in range(500)]), SERVED),
+                                              for i in range(500)]), TOO_LARGE),
     "empty-subject": (lambda ca, n: ca.subject(n, []), SERVED),
     # encodings only byte surgery can make (then re-signed, so the chain still verifies)
     "cn-invalid-utf8": (lambda ca, n: ca.raw_cn(n, 0x0C, b"\xff\xfe\xc0\x80" + b"a" * (len(PLACEHOLDER) - 4)),
@@ -279,6 +280,9 @@ async def test_hostile_certificate_gets_a_response_or_a_clean_refusal(
             assert all(0x20 <= ord(ch) <= 0x7E for ch in value), (header, value[:200])
         assert req.header("x-client-cert-fingerprint") == [hashlib.sha256(cred.leaf_der).hexdigest()]
         assert req.header("x-client-cert-subject")[0] != "CN=admin"
+    elif expected == TOO_LARGE:
+        assert got.status == 431, got  # the request itself is a few bytes: only the identity can be too large
+        assert seen == [], seen
     else:
         assert got.status is None, got
         # refused: OpenSSL's alert during the handshake; unusable: closed right after it, without an answer

@@ -119,10 +119,16 @@ H = b"Host: api.test\r\n"
 @BOTH_LOOPS
 async def test_tls13_request_then_close_notify_is_answered_then_closed(ops: Ops) -> None:
     ip, up = await setup(ops)
-    r = await asyncio.to_thread(half_close, ip.port, client_ctx(ops.pki, tls_max=TLS13),
-                                b"GET /hc/one HTTP/1.1\r\n" + H + b"\r\n")
+    # The answer waits until the proxy has read the close_notify: the client writes the request and the
+    # close_notify separately, and a proxy that answered before reading the second could not know of it.
+    client = asyncio.create_task(asyncio.to_thread(half_close, ip.port, client_ctx(ops.pki, tls_max=TLS13),
+                                                   b"GET /slow/one HTTP/1.1\r\n" + H + b"\r\n"))
+    await asyncio.wait_for(up.got_slow.wait(), 10)
+    await close_notify_seen(ip)
+    up.gate.set()
+    r = await client
     resp = parse_response(r.data)
-    assert (resp.status, resp.body, r.end) == (200, b"GET /prod/hc/one HTTP/1.1", "close_notify"), r
+    assert (resp.status, resp.body, r.end) == (200, b"GET /prod/slow/one HTTP/1.1", "close_notify"), r
     assert resp.header("connection") == "close"
     await slot_back(ip)
     (line,) = ip.access()
