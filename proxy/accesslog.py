@@ -20,6 +20,9 @@ a request whose start had already been sent upstream when the proxy cut it (a ma
 later in the stream, a client that stalled or left mid-body): ``"upstream_aborted":true``.  No header values, no
 bodies, no keys: nothing secret.
 
+The same writer carries the Embedded Metric Format lines (``write_line``, once per metrics interval), so they
+share the backlog and its bound, are counted when dropped, and never interleave with access-log lines.
+
 Must not: block or spin the event loop (a line is appended to a list; a full output is waited for by the loop;
 only ``close()`` at exit waits, at most ``CLOSE_GRACE`` seconds), or log anything a client sent other than method
 and request target (both restricted to visible ASCII by the parser, JSON-escaped here).
@@ -120,6 +123,23 @@ class AccessLog:
                 f'"upstream_ms":{"null" if upstream is None else f"{upstream * 1000:.3f}"},"error":{error_j}}}\n')
         if upstream_aborted:  # rare: kept out of the common line's formatting
             line = line[:-2] + _ABORTED + "}\n"
+        self._lines.append(line)
+        self._size += len(line)
+        if self._size >= FLUSH_BYTES:
+            self.flush()
+        elif self._timer is None:
+            self._timer = self._loop.call_later(FLUSH_INTERVAL, self.flush)
+
+    def write_line(self, line: str) -> None:
+        """Queue one preformatted line (an Embedded Metric Format document, ``proxy.emf``) with the access-log
+        lines: the same batching, the same bounded backlog, drops counted the same way.  Called once per metrics
+        interval, never per request.  ``line`` ends with a newline and is shorter than PIPE_BUF, so it is written
+        whole and never interleaves with another process's lines."""
+        if self._fd is None:
+            return
+        if self._blocked and self._size + self._backlog_size >= MAX_BUFFER:
+            self._drop(1)
+            return
         self._lines.append(line)
         self._size += len(line)
         if self._size >= FLUSH_BYTES:

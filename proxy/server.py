@@ -33,6 +33,7 @@ from .accesslog import AccessLog
 from .admin import AdminServer
 from .config import Config
 from .connection import ClientConnection
+from .emf_output import EmfOutput
 from .errors import ConfigErrors
 from .forward import UpstreamPool
 from .listener import Listener, bind
@@ -50,7 +51,10 @@ _RELOADABLE_SERVER = {"cert", "key", "client_ca", "crl", "send_client_ca_names",
 
 
 class ProxyServer:
-    def __init__(self, cfg: Config, *, metrics: Metrics | None = None, access_fd: int | None = 1) -> None:
+    def __init__(self, cfg: Config, *, metrics: Metrics | None = None, access_fd: int | None = 1,
+                 emf: bool | None = None) -> None:
+        """``access_fd``: where the access log (and the metric lines) go.  ``emf``: write Embedded Metric Format
+        lines there (default: ``metrics.emf``; a worker of a supervisor never does, its supervisor writes them)."""
         self.cfg = cfg
         self.metrics = metrics or Metrics()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
@@ -68,6 +72,9 @@ class ProxyServer:
         self.ready = False
         self.base_path = cfg.upstream.base_path.encode("ascii")
         self._access_fd = access_fd if cfg.log.access else None
+        self._stdout_fd = access_fd
+        self._emf_enabled = cfg.metrics.emf if emf is None else emf
+        self.emf: EmfOutput | None = None
         self._listener: Listener | None = None
         self._stamps: dict[Path, tuple[int, int, int] | None] = {}
         self._sources: Any = None  # proxy.sources.material.Material of the remote PEM sources, if any
@@ -96,9 +103,23 @@ class ProxyServer:
         self.address = sock.getsockname()[:2]
         self._listener = Listener(self, sock)
         self._listener.start()
+        if self._emf_enabled:
+            self._start_emf()
         self.ready = True
         log.info("listening", extra={"fields": {"address": f"{self.address[0]}:{self.address[1]}",
                                                 "upstream": self.cfg.upstream.url, "loop": _loop_name(self.loop)}})
+
+    def _start_emf(self) -> None:
+        # The access log's writer when there is one (one writer per descriptor: two would each register the
+        # descriptor with the loop, and the second would silently replace the first); else one of its own.
+        if self._access_fd is not None:
+            out, owned = self.access_log, False
+        else:
+            out, owned = AccessLog(self.loop, self._stdout_fd, self.metrics), True
+        metrics = self.metrics
+        self.emf = EmfOutput(self.loop, self.cfg.metrics, out, lambda: {"process": metrics.snapshot()},
+                             owns_out=owned)
+        self.emf.start()
 
     def _partner_facts(self) -> tuple[dict[str, float], int, int]:
         p = self.partners
@@ -194,6 +215,8 @@ class ProxyServer:
         self.pool.close()
         await asyncio.sleep(0)  # let connection_lost callbacks run
         self.lingerer.close_all()
+        if self.emf is not None:
+            self.emf.close()  # the last interval's counts, drain included
         self.access_log.close()
 
 
@@ -216,7 +239,7 @@ def _stamp_all(paths: tuple[Path, ...]) -> dict[Path, tuple[int, int, int] | Non
 
 def _unreloadable_changes(old: Config, new: Config) -> list[str]:
     changed = []
-    for section in ("server", "upstream", "admin", "log", "identity"):
+    for section in ("server", "upstream", "admin", "log", "identity", "metrics"):
         a, b = getattr(old, section), getattr(new, section)
         for f in dataclasses.fields(a):
             if section == "server" and f.name in _RELOADABLE_SERVER:
@@ -236,7 +259,7 @@ async def run(cfg: Config, *, control_fd: int | None = None, runtime: Runtime | 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reload_now = asyncio.Event()
-    server = ProxyServer(cfg)
+    server = ProxyServer(cfg, emf=cfg.metrics.emf and control_fd is None)
     admin: AdminServer | None = None
     control: WorkerControl | None = None
     if control_fd is None:
@@ -245,9 +268,11 @@ async def run(cfg: Config, *, control_fd: int | None = None, runtime: Runtime | 
                             certs=lambda: server.partners.certs.report())
         await admin.start()  # /healthz answers from here on; /readyz once the listener is up
     else:
+        # The pid tells the supervisor which process these counts belong to (a restarted worker starts at zero).
+        pid = os.getpid()
         control = WorkerControl(control_fd, lambda full: {
             "ready": server.ready, "metrics": server.metrics.snapshot(),
-            "certs": server.partners.certs.changes(full)})
+            "certs": server.partners.certs.changes(full), "pid": pid})
         control.start(loop)
     try:
         await server.start(runtime=runtime)
@@ -267,6 +292,10 @@ async def run(cfg: Config, *, control_fd: int | None = None, runtime: Runtime | 
                                                "timeout": cfg.server.shutdown_timeout}})
         watcher.cancel()
         await server.drain(cfg.server.shutdown_timeout)
+        if control is not None and cfg.metrics.emf:
+            # The supervisor writes this worker's metric lines from its polls: stay until it has polled once more,
+            # so the requests finished during the drain are in its final lines.
+            await control.next_answer(FINAL_POLL_WAIT)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
@@ -276,6 +305,9 @@ async def run(cfg: Config, *, control_fd: int | None = None, runtime: Runtime | 
             control.close(loop)
     log.info("stopped", extra={"fields": {"pid": os.getpid()}})
     return 0
+
+
+FINAL_POLL_WAIT = 2.0  # seconds a draining worker waits for the supervisor's last poll (it polls twice a second)
 
 
 def _remote_sources(cfg: Config) -> dict[str, Any]:

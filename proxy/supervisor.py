@@ -4,7 +4,9 @@ Owns: starting the workers (each is ``python -m proxy serve`` with the same conf
 SO_REUSEPORT so the kernel spreads connections), restarting a worker that dies (``Backoff``: 0.2 s doubling to
 5 s while it keeps dying, back to 0.2 s once a worker had run ``STABLE_AFTER`` seconds), passing
 SIGTERM/SIGINT (drain) and SIGHUP (reload) on to every worker, and the admin port: ``/readyz`` is 200 only while
-every worker reports ready and no drain has started; ``/metrics`` adds up the workers' snapshots.
+every worker reports ready and no drain has started; ``/metrics`` adds up the workers' snapshots.  With
+``metrics.emf`` the supervisor also writes the task's Embedded Metric Format lines from those snapshots (the workers
+write none, so nothing is counted twice).
 
 Each worker gets one end of a socketpair (fd number in ``MTLS_WORKER_CONTROL_FD``); the supervisor writes one
 byte to ask, the worker answers with a length-prefixed JSON snapshot ({"ready": bool, "metrics": {...}, "certs":
@@ -28,11 +30,13 @@ import sys
 import time
 from typing import Any
 
+from .accesslog import AccessLog
 from .admin import AdminServer
 from .cert_tracker import CertTable, Feed
 from .config import Config
+from .emf_output import EmfOutput
 from .listener import bind
-from .metrics import Metrics
+from .metrics import Metrics, Snapshot
 
 log = logging.getLogger("mtls_proxy")
 CONTROL_ENV = "MTLS_WORKER_CONTROL_FD"
@@ -138,6 +142,17 @@ class WorkerControl:
         self.sock = socket.socket(fileno=fd)
         self.sock.setblocking(False)
         self.snapshot = snapshot
+        self._answered: asyncio.Event | None = None
+
+    async def next_answer(self, timeout: float) -> bool:
+        """Wait (at most ``timeout`` seconds) until the supervisor has asked and been answered once more."""
+        self._answered = answered = asyncio.Event()
+        try:
+            async with asyncio.timeout(timeout):
+                await answered.wait()
+        except TimeoutError:
+            return False
+        return True
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.add_reader(self.sock.fileno(), self._on_request, loop)
@@ -159,6 +174,8 @@ class WorkerControl:
                 self.sock.sendall(_LEN.pack(len(payload)) + payload)
         finally:
             self.sock.setblocking(False)
+        if self._answered is not None:
+            self._answered.set()
 
     def close(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
@@ -175,6 +192,13 @@ async def _supervise(cfg: Config, argv: list[str]) -> int:
     workers = [Worker(i) for i in range(cfg.server.workers)]
 
     cache: dict[str, Any] = {"ready": False, "snaps": []}
+    # Embedded Metric Format: the supervisor alone writes the task's lines (see proxy.emf_output).  ``answers``
+    # keeps the latest snapshot of every worker process by (worker, pid), a dead one's until its last counts have
+    # gone into a line; ``own`` counts the supervisor's own dropped lines.
+    answers: dict[tuple[int, int], Snapshot] = {}
+    own = Metrics()
+    emf: EmfOutput | None = None
+
     certs = CertTable()  # every worker's certificates, merged (the latest last_seen wins)
 
     def own_snapshot() -> dict[str, Any]:
@@ -190,11 +214,23 @@ async def _supervise(cfg: Config, argv: list[str]) -> int:
             states = await asyncio.gather(*(w.poll(certs) for w in workers))
             cache["ready"] = all(s.get("ready") for s in states)
             cache["snaps"] = [s["metrics"] for s in states if s.get("metrics")]
+            for w, state in zip(workers, states):
+                if state.get("metrics") and isinstance(state.get("pid"), int):  # a fresh answer, not a kept one
+                    answers[(w.index, state["pid"])] = state["metrics"]
             await asyncio.sleep(0.5)
 
+    def emf_sources() -> dict[Any, Snapshot]:
+        sources: dict[Any, Snapshot] = {**answers, "supervisor": own.snapshot()}
+        live = {(w.index, w.proc.pid) for w in workers if w.proc is not None and w.proc.returncode is None}
+        for key in [k for k in answers if k not in live]:
+            del answers[key]  # its final counts are in this emission; a restarted worker has a new pid
+        return sources
+
+    def snapshots() -> list[Snapshot]:
+        return [*cache["snaps"], own_snapshot(), *([own.snapshot()] if emf is not None else [])]
+
     admin = AdminServer(cfg.admin.listen, proxy_protocol=cfg.server.proxy_protocol,
-                        ready=lambda: cache["ready"] and not stopping,
-                        snapshots=lambda: [*cache["snaps"], own_snapshot()], certs=certs.report)
+                        ready=lambda: cache["ready"] and not stopping, snapshots=snapshots, certs=certs.report)
     await admin.start()
     assert admin.address is not None
     log.info("admin listening", extra={"fields": {"address": _fmt(admin.address)}})
@@ -208,6 +244,9 @@ async def _supervise(cfg: Config, argv: list[str]) -> int:
     for w in workers:
         await w.start(argv, env_extra)
     refresher = loop.create_task(refresh())
+    if cfg.metrics.emf:
+        emf = EmfOutput(loop, cfg.metrics, AccessLog(loop, 1, own), emf_sources, owns_out=True)
+        emf.start()
 
     def forward(sig: signal.Signals) -> None:
         for w in workers:
@@ -251,6 +290,8 @@ async def _supervise(cfg: Config, argv: list[str]) -> int:
         log.error("workers did not stop in time; killing them")
         forward(signal.SIGKILL)
         await asyncio.gather(*keepers, return_exceptions=True)
+    if emf is not None:
+        emf.close()  # every worker has exited after its last poll: these lines complete the task's counts
     refresher.cancel()
     for w in workers:
         w.close()

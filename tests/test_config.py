@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from proxy import config
+from proxy import config, cpus
 from proxy.config import Address, AllowRule, PemSource
 from proxy.errors import ConfigErrors
 from proxy.sources.location import SYNTAX
@@ -128,6 +129,9 @@ DEFAULTS = [
     ("admin.listen", Address("127.0.0.1", 9100)),
     ("log.access", True),
     ("log.level", "info"),
+    ("metrics.emf", False),
+    ("metrics.namespace", "mtls-proxy"),
+    ("metrics.interval", 60.0),
     ("allow_all_verified", False),
 ]
 
@@ -321,6 +325,9 @@ ENV_TABLE: list[tuple[str, str, str, Any]] = [
     ("MTLS_PROXY_ADMIN_LISTEN", "0.0.0.0:9200", "admin.listen", Address("0.0.0.0", 9200)),
     ("MTLS_PROXY_LOG_ACCESS", "0", "log.access", False),
     ("MTLS_PROXY_LOG_LEVEL", "warning", "log.level", "warning"),
+    ("MTLS_PROXY_METRICS_EMF", "true", "metrics.emf", True),
+    ("MTLS_PROXY_METRICS_NAMESPACE", "mtls-proxy/prod-stack", "metrics.namespace", "mtls-proxy/prod-stack"),
+    ("MTLS_PROXY_METRICS_INTERVAL", "30", "metrics.interval", 30.0),
     ("MTLS_PROXY_ALLOW_ALL_VERIFIED", "yes", "allow_all_verified", True),
     ("MTLS_PROXY_IDENTITY_CLIENT_CERT_HEADER", "true", "identity.client_cert_header", True),
 ]
@@ -488,6 +495,50 @@ def test_file_error_is_one_line_naming_the_key(tmp_path: Path, section: str, lin
     lines = errors(write(tmp_path, text))
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"{key}: ") and fragment in lines[0], lines[0]
+
+
+# ---- server.workers = "auto" and the [metrics] section ---------------------------------------------------
+
+
+def test_workers_auto_is_the_cpus_this_process_may_use(tmp_path: Path) -> None:
+    usable = cpus.available()
+    assert 1 <= usable <= len(os.sched_getaffinity(0))
+    assert load(write(tmp_path, edit(MINIMAL, "server", 'workers = "auto"'))).server.workers == usable
+    assert load(write(tmp_path, MINIMAL), {"MTLS_PROXY_SERVER_WORKERS": " auto "}).server.workers == usable
+    assert load(write(tmp_path, MINIMAL), {"MTLS_PROXY_SERVER_WORKERS": "3"}).server.workers == 3
+
+
+@pytest.mark.parametrize("value", ['"two"', '"Auto"', "1.5", "true", '""', "[2]"])
+def test_a_bad_workers_value_is_one_line_naming_the_key(tmp_path: Path, value: str) -> None:
+    lines = errors(write(tmp_path, edit(MINIMAL, "server", f"workers = {value}")))
+    assert lines == [lines[0]] and lines[0].startswith("server.workers: ") and '"auto"' in lines[0], lines
+
+
+@pytest.mark.parametrize("text", ["two", "1.5", "", "auto2"])
+def test_a_bad_workers_variable_is_one_line_naming_it(tmp_path: Path, text: str) -> None:
+    lines = errors(write(tmp_path, MINIMAL), {"MTLS_PROXY_SERVER_WORKERS": text})
+    assert len(lines) == 1 and lines[0].startswith("MTLS_PROXY_SERVER_WORKERS: "), lines
+
+
+def test_the_metrics_section(tmp_path: Path) -> None:
+    text = MINIMAL + '[metrics]\nemf = true\nnamespace = "mtls-proxy/stack-1"\ninterval = 10\n'
+    m = load(write(tmp_path, text)).metrics
+    assert (m.emf, m.namespace, m.interval) == (True, "mtls-proxy/stack-1", 10.0)
+
+
+@pytest.mark.parametrize(("line", "key", "fragment"), [
+    ('emf = "yes"', "metrics.emf", "expected true or false"),
+    ('namespace = "AWS/ApplicationELB"', "metrics.namespace", "reserved for AWS"),
+    ('namespace = "has space"', "metrics.namespace", "not a CloudWatch namespace"),
+    ('namespace = ""', "metrics.namespace", "not a CloudWatch namespace"),
+    (f'namespace = "{"n" * 256}"', "metrics.namespace", "not a CloudWatch namespace"),
+    ("interval = 0", "metrics.interval", "between 0.1 and 3600"),
+    ("interval = 7200", "metrics.interval", "between 0.1 and 3600"),
+    ("every = 60", "metrics.every", "unknown key"),
+])
+def test_a_bad_metrics_value_is_one_line_naming_the_key(tmp_path: Path, line: str, key: str, fragment: str) -> None:
+    lines = errors(write(tmp_path, MINIMAL + f"[metrics]\n{line}\n"))
+    assert len(lines) == 1 and lines[0].startswith(f"{key}: ") and fragment in lines[0], lines
 
 
 @pytest.mark.parametrize(("url", "fragment"), [

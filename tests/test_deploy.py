@@ -748,12 +748,33 @@ def check_consumer(t: Template) -> None:
     assert "EndpointDnsName" in t.get("Outputs", {})
 
 
+def check_emf_feeds_the_alarms(t: Template) -> None:
+    """The task writes EMF lines, once a minute, in the namespace every alarm on the proxy's own metrics reads."""
+    env = _env(t)
+    assert env.get("MTLS_PROXY_METRICS_EMF") == "true", "alarms on proxy metrics need [metrics] emf = true"
+    assert float(env.get("MTLS_PROXY_METRICS_INTERVAL", "60")) == 60, "one emission per CloudWatch minute"
+    namespace = env.get("MTLS_PROXY_METRICS_NAMESPACE", "mtls-proxy")
+
+    def namespaces(node: Any) -> list[Any]:
+        if isinstance(node, dict):
+            return [*([node["Namespace"]] if "Namespace" in node else []), *(x for v in node.values()
+                                                                            for x in namespaces(v))]
+        if isinstance(node, list):
+            return [x for v in node for x in namespaces(v)]
+        return []
+
+    read = [n for _, p in _of_type(t, "AWS::CloudWatch::Alarm") for n in namespaces(p)
+            if not (isinstance(n, str) and n.split("/")[0] in ("AWS", "ECS"))]  # AWS-owned: AWS/*, ECS/ContainerInsights
+    assert read and all(n == namespace for n in read), (namespace, [n for n in read if n != namespace])
+
+
 PROVIDER_CHECKS = [check_target_group, check_listener, check_load_balancer, check_security_groups,
                    check_security_group_rules_described, check_task_egress, check_private_api,
                    check_execute_api_endpoint_policy, check_timeouts_follow_integration, check_drain_budget,
                    check_ports, check_secrets, check_container_hardening, check_log_groups, check_access_log_delivery,
                    check_stage_access_logs, check_service, check_no_desired_count, check_scaling_can_reach_target,
-                   check_fargate_sizes, check_subnets, check_alarms, check_alarm_topic, check_endpoint_service]
+                   check_fargate_sizes, check_subnets, check_alarms, check_alarm_topic, check_endpoint_service,
+                   check_emf_feeds_the_alarms]
 
 
 # --- breakages: each must make its check fail ----------------------------------------------------------------------
@@ -935,6 +956,8 @@ BREAKAGES = [
     pytest.param(check_service, lambda t: t["Resources"]["Service"].pop("DependsOn"), id="no-listener-dependency"),
     pytest.param(check_no_desired_count, _set("Service", "DesiredCount", 2), id="desired-count"),
     pytest.param(check_scaling_can_reach_target, _set_env("MTLS_PROXY_SERVER_WORKERS", "1"), id="one-worker"),
+    pytest.param(check_emf_feeds_the_alarms, _set_env("MTLS_PROXY_METRICS_EMF", "false"), id="emf-off"),
+    pytest.param(check_emf_feeds_the_alarms, _set_env("MTLS_PROXY_METRICS_NAMESPACE", "other"), id="emf-namespace"),
     pytest.param(check_scaling_can_reach_target, lambda t: t["Mappings"]["TaskSize"]["4096"].__setitem__(
         "Workers", "2"), id="half-the-vcpus"),
     pytest.param(check_scaling_can_reach_target, lambda t: t["Mappings"]["TaskSize"]["256"].__setitem__(

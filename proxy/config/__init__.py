@@ -23,6 +23,7 @@ from .model import (
     Config,
     IdentityConfig,
     LogConfig,
+    MetricsConfig,
     PemSource,
     ServerConfig,
     UpstreamConfig,
@@ -30,4 +31,4 @@ from .model import (
 )
 
 __all__ = ["DEFAULTS", "DEFAULT_CIPHERS", "DEFAULT_CLIENT_SIGALGS", "ENVIRONMENT", "ENV_PREFIX", "Address", "AdminConfig", "AllowRule", "Config",
-           "IdentityConfig", "LogConfig", "PemSource", "ServerConfig", "UpstreamConfig", "load", "replace"]
+           "IdentityConfig", "LogConfig", "MetricsConfig", "PemSource", "ServerConfig", "UpstreamConfig", "load", "replace"]

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .. import cpus
 from ..errors import ConfigError, ConfigErrors
 from ..sources import location
 from . import values
@@ -40,6 +41,7 @@ from .model import (
     Config,
     IdentityConfig,
     LogConfig,
+    MetricsConfig,
     PemSource,
     ServerConfig,
     UpstreamConfig,
@@ -48,6 +50,7 @@ from .model import (
 # --- schema --------------------------------------------------------------------------------------------------
 # Raw key types; the section tables below drive both TOML and environment parsing.
 _STR, _BOOL, _INT, _FLOAT, _LIST, _PEM, _ADDR = "str", "bool", "int", "float", "list", "pem", "address"
+_WORKERS = "workers"  # an integer, or "auto": the CPUs this process may use (proxy.cpus), resolved at load
 # PEM keys by what they may hold: a certificate or private key never comes over a plain URL; CA bundles may come
 # from https:// (verified with the system trust store); a CRL (signed by its CA) also from an http:// distribution
 # point.  A CA bundle over plain http:// would let anyone on the path choose the proxy's trust anchors.
@@ -59,7 +62,7 @@ _SERVER_KEYS = {
     "listen": _ADDR, "cert": _PEM, "key": _PEM, "client_ca": _PEM_PUBLIC, "crl": _PEM_CRL, "tls_versions": _LIST,
     "ciphers": _STR, "verify_depth": _INT, "send_client_ca_names": _BOOL, "client_sigalgs": _STR, "max_body_bytes": _INT, "proxy_protocol": _BOOL,
     "proxy_protocol_timeout": _FLOAT, "handshake_timeout": _FLOAT, "header_timeout": _FLOAT,
-    "idle_timeout": _FLOAT, "max_connections": _INT, "workers": _INT, "shutdown_timeout": _FLOAT,
+    "idle_timeout": _FLOAT, "max_connections": _INT, "workers": _WORKERS, "shutdown_timeout": _FLOAT,
     "reload_interval": _FLOAT, "crl_warn_days": _FLOAT,
 }
 _UPSTREAM_KEYS = {
@@ -68,13 +71,14 @@ _UPSTREAM_KEYS = {
 }
 _ADMIN_KEYS = {"listen": _ADDR}
 _LOG_KEYS = {"access": _BOOL, "level": _STR}
+_METRICS_KEYS = {"emf": _BOOL, "namespace": _STR, "interval": _FLOAT}
 _IDENTITY_KEYS = {"client_cert_header": _BOOL}
 _RULE_KEYS = {
     "name": _STR, "subject_cn": _LIST, "san_dns": _LIST, "san_uri": _LIST, "fingerprint_sha256": _LIST,
     "source_vpce": _LIST, "methods": _LIST, "paths": _LIST, "rate_limit": _FLOAT, "burst": _INT,
 }
 _SECTIONS = {"server": _SERVER_KEYS, "upstream": _UPSTREAM_KEYS, "admin": _ADMIN_KEYS, "log": _LOG_KEYS,
-             "identity": _IDENTITY_KEYS}
+             "identity": _IDENTITY_KEYS, "metrics": _METRICS_KEYS}
 _TOP_KEYS = {"allow_all_verified": _BOOL, "allow_from": _RULES_SRC}
 _REQUIRED = {"server": ("cert", "key", "client_ca"), "upstream": ("url",)}
 
@@ -119,6 +123,15 @@ def _convert(kind: str, value: Any, base_dir: Path | None, from_env: bool) -> An
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"expected a number, got {value!r}")
         return float(value)
+    if kind == _WORKERS:
+        if from_env:
+            value = value.strip()
+            value = int(value) if re.fullmatch(r"[+-]?[0-9]+", value) else value
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer or \"auto\", got {value!r}")
+        return value
     if kind == _LIST:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ValueError("expected a list of strings")
@@ -353,6 +366,8 @@ def _build(values: dict[str, dict[str, Any]], top: dict[str, Any], rules: tuple[
            source: str, environ: Mapping[str, str], c: _Collector,
            allow_from: PemSource | None = None) -> Config | None:
     s, u = values["server"], values["upstream"]
+    if s.get("workers") == "auto":
+        s["workers"] = cpus.available()
     server = ServerConfig(**s)
     versions = server.tls_versions
     if not versions or any(v not in ("1.2", "1.3") for v in versions):
@@ -374,6 +389,7 @@ def _build(values: dict[str, dict[str, Any]], top: dict[str, Any], rules: tuple[
     log = LogConfig(**values["log"])
     if log.level not in _LEVELS:
         c.add("log.level", f"must be one of {', '.join(_LEVELS)}")
+    metrics = _build_metrics(values["metrics"], c)
     if admin.listen == server.listen and server.listen.port != 0:  # port 0: each gets its own free port
         c.add("admin.listen", "must differ from server.listen")
 
@@ -400,7 +416,7 @@ def _build(values: dict[str, dict[str, Any]], top: dict[str, Any], rules: tuple[
                             if src is not None and src.path is not None}))
     if source not in (ENVIRONMENT, DEFAULTS):
         watched = (Path(source).resolve(), *watched)
-    return Config(server=server, upstream=upstream, admin=admin, log=log,
+    return Config(server=server, upstream=upstream, admin=admin, log=log, metrics=metrics,
                   identity=IdentityConfig(**values["identity"]), allow=rules,
                   allow_all_verified=allow_all, allow_from=allow_from, source=source, watched_files=watched)
 
@@ -437,6 +453,15 @@ def _build_upstream(u: dict[str, Any], c: _Collector) -> UpstreamConfig | None:
     _check_range(c, "upstream.pool_max_idle", up.pool_max_idle, 0, 100000)
     _check_range(c, "upstream.pool_idle_timeout", up.pool_idle_timeout, 0.01, 86400)
     return up if target else None
+
+
+def _build_metrics(m: dict[str, Any], c: _Collector) -> MetricsConfig:
+    metrics = MetricsConfig(**m)
+    problem = values.check_namespace(metrics.namespace)
+    if problem is not None:
+        c.add("metrics.namespace", problem)
+    _check_range(c, "metrics.interval", metrics.interval, 0.1, 3600)
+    return metrics
 
 
 def _check_rule(c: _Collector, key: str, rule: AllowRule, names: set[str], proxy_protocol: bool) -> None:

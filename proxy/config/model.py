@@ -90,7 +90,7 @@ class ServerConfig:
     header_timeout: float = 10.0
     idle_timeout: float = 60.0
     max_connections: int = 10000
-    workers: int = 1
+    workers: int = 1  # "auto" in the file or the environment is resolved at load time (proxy.cpus)
     shutdown_timeout: float = 25.0
     reload_interval: float = 30.0
     crl_warn_days: float = 7.0  # ``check`` warns when a CRL's nextUpdate is this close
@@ -134,6 +134,15 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """CloudWatch Embedded Metric Format lines on stdout (``proxy.emf``), next to the access log."""
+
+    emf: bool = False
+    namespace: str = "mtls-proxy"
+    interval: float = 60.0  # seconds: CloudWatch's standard resolution is one minute
+
+
+@dataclass(frozen=True, slots=True)
 class IdentityConfig:
     client_cert_header: bool = False  # RFC 9440 Client-Cert / Client-Cert-Chain
 
@@ -158,6 +167,7 @@ class Config:
     upstream: UpstreamConfig
     admin: AdminConfig = AdminConfig()
     log: LogConfig = LogConfig()
+    metrics: MetricsConfig = MetricsConfig()
     identity: IdentityConfig = IdentityConfig()
     allow: tuple[AllowRule, ...] = ()
     allow_all_verified: bool = False

@@ -1,7 +1,8 @@
 """The grammar of configured values: each check takes what an operator wrote and says what is wrong with it.
 
-Owns: listen/dial addresses, the upstream URL (host, port, base path), API Gateway ids, and every ``[[allow]]``
-field: CNs, DNS and URI SAN patterns, fingerprints, VPC endpoint ids, methods and path patterns.  The config loader
+Owns: listen/dial addresses, the upstream URL (host, port, base path), API Gateway ids, CloudWatch namespaces,
+and every ``[[allow]]`` field: CNs, DNS and URI SAN patterns, fingerprints, VPC endpoint ids, methods and path
+patterns.  The config loader
 runs these checks at load time (so each problem is reported under its own key, ``allow[2].methods[0]``) and the
 policy compiles with the same functions, so what one accepts the other accepts.
 
@@ -26,6 +27,8 @@ from .model import Address
 ALLOW_ALL_RULE = "allow_all_verified"
 IDENTITY_FIELDS = ("subject_cn", "san_dns", "san_uri", "fingerprint_sha256")
 API_ID = re.compile(r"[a-z0-9]{1,64}")
+# A CloudWatch namespace: 1-255 of these characters; "AWS/" is reserved for AWS's own services.
+CLOUDWATCH_NAMESPACE = re.compile(r"(?!AWS/)[A-Za-z0-9._#:/-]{1,255}")
 
 
 def parse_address(text: str) -> Address:
@@ -40,6 +43,15 @@ def parse_address(text: str) -> Address:
     if not 0 <= port <= 65535:
         raise ValueError(f"port {port} out of range")
     return Address(host, port)
+
+
+def check_namespace(namespace: str) -> str | None:
+    """The problem with a CloudWatch namespace (``metrics.namespace``), or None."""
+    if CLOUDWATCH_NAMESPACE.fullmatch(namespace):
+        return None
+    if namespace.startswith("AWS/"):
+        return f"{namespace!r}: the AWS/ prefix is reserved for AWS services"
+    return f"not a CloudWatch namespace: {namespace!r} (1-255 characters: letters, digits and . _ # : / -)"
 
 
 # RFC 1123 section 2.1 host names: the upstream host is sent as Host and SNI, so it must be plain ASCII.
