@@ -26,7 +26,7 @@ from .headers import connection_block, upstream_block
 from .identity import Identity, parse_identity
 from .partners import Limit, limits_of
 from .policy import ConnectionPolicy, Policy, PolicyError
-from .tls import CertFact, build_server_context, build_upstream_context
+from .tls import CertFact, Fetched, build_server_context, build_upstream_context
 
 log = logging.getLogger("mtls_proxy")
 
@@ -89,18 +89,19 @@ class Runtime:
         return Peer(identity, policy, block, prefix, client_addr, vpce_id, self.limits)
 
 
-def build_runtime(cfg: Config) -> Runtime:
-    """Load and check every file; raise ConfigErrors listing each problem (key or file named)."""
+def build_runtime(cfg: Config, fetched: Fetched | None = None) -> Runtime:
+    """Load and check every file; raise ConfigErrors listing each problem (key or file named).  ``fetched``: remote
+    material the caller has already read (a reload after a poll found a change), used instead of a new request."""
     errors: list[ConfigError] = []
     server_ctx = upstream_ctx = None
     facts: list[CertFact] = []
     policy = None
     try:
-        server_ctx, facts = build_server_context(cfg.server)
+        server_ctx, facts = build_server_context(cfg.server, fetched)
     except ConfigError as exc:
         errors.append(exc)
     try:
-        upstream_ctx = build_upstream_context(cfg.upstream)
+        upstream_ctx = build_upstream_context(cfg.upstream, fetched)
     except ConfigError as exc:
         errors.append(exc)
     try:

@@ -83,9 +83,6 @@ class ProxyServer:
     async def start(self, sock: socket.socket | None = None, runtime: Runtime | None = None) -> None:
         """Load certificates, bind, and start accepting.  Raises ConfigErrors or OSError."""
         self.loop = asyncio.get_running_loop()
-        self.runtime = runtime or build_runtime(self.cfg)
-        self._publish_facts(self.runtime)
-        self._stamps = _stamp_all(self.cfg.watched_files)
         remote = _remote_sources(self.cfg)
         if remote:
             # Imported only here: a proxy with file and env: sources never loads the source readers (or boto3).
@@ -94,6 +91,9 @@ class ProxyServer:
             self._sources = Material(remote, _VALIDATORS, environ=os.environ)
             await self.loop.run_in_executor(None, self._sources.load)  # ConfigErrors naming the key: fatal
             self._record_sources()
+        self.runtime = runtime or build_runtime(self.cfg, self._sources)
+        self._publish_facts(self.runtime)
+        self._stamps = _stamp_all(self.cfg.watched_files)
         self.pool = UpstreamPool(self.loop, self.cfg.upstream, self.runtime.upstream_context)
         self.access_log = AccessLog(self.loop, self._access_fd, self.metrics)
         self.lingerer = Lingerer(self.loop, limit=self.cfg.server.max_connections)
@@ -194,7 +194,7 @@ class ProxyServer:
                                      server=dataclasses.replace(
                                          cfg.server, cert=fresh.server.cert, key=fresh.server.key,
                                          client_ca=fresh.server.client_ca, crl=fresh.server.crl))
-        return build_runtime(cfg)
+        return build_runtime(cfg, self._sources)
 
     def _publish_facts(self, rt: Runtime) -> None:
         self.metrics.cert_expiry = {f.label: f.not_after for f in rt.facts}

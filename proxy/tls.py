@@ -20,6 +20,7 @@ import os
 import ssl
 import _ssl
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -42,11 +43,26 @@ class CertFact:
     not_after: float  # POSIX seconds; for a CRL: its next update
 
 
-def read_pem(source: PemSource, key: str) -> bytes:
+class Fetched(Protocol):
+    """Remote material already read and validated (``proxy.sources.material.Material``): what a reload builds from,
+    so a source whose change the poll just found is not requested a second time."""
+
+    def __contains__(self, key: object) -> bool: ...
+    def __getitem__(self, key: str) -> bytes: ...
+    def location(self, key: str) -> Any: ...
+
+
+def read_pem(source: PemSource, key: str, fetched: Fetched | None = None) -> bytes:
     """The PEM bytes of a source (a CRL may also be DER), or ConfigError naming the key and the source.
 
-    A remote source (S3, Secrets Manager, SSM, http(s)) is read once here, through ``proxy.sources``: at start-up
-    a source that cannot be read is fatal, naming the key (fail closed).  boto3 is imported only for AWS kinds."""
+    A remote source (S3, Secrets Manager, SSM, http(s)) comes from ``fetched`` when that holds this key at the same
+    location, else it is read here, through ``proxy.sources``: at start-up a source that cannot be read is fatal,
+    naming the key (fail closed).  boto3 is imported only for AWS kinds."""
+    if source.uri is not None and fetched is not None and key in fetched and fetched.location(key) == source.location:
+        data = fetched[key]
+        if key != "server.crl" and b"-----BEGIN " not in data:
+            raise ConfigError(key, f"{source}: no PEM data")
+        return data
     if source.uri is not None:
         from .errors import ConfigErrors
         from .sources.material import Material
@@ -121,7 +137,8 @@ class _PemFile:
             os.unlink(self.path)
 
 
-def build_server_context(server: ServerConfig) -> tuple[ssl.SSLContext, list[CertFact]]:
+def build_server_context(server: ServerConfig,
+                         fetched: Fetched | None = None) -> tuple[ssl.SSLContext, list[CertFact]]:
     """The client-facing context and the expiry facts of what it loaded; ConfigError on any bad input."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     versions = sorted(_VERSIONS[v] for v in server.tls_versions)
@@ -134,8 +151,8 @@ def build_server_context(server: ServerConfig) -> tuple[ssl.SSLContext, list[Cer
         raise ConfigError("server.ciphers", f"OpenSSL accepts no cipher from {server.ciphers!r}") from None
     facts: list[CertFact] = []
 
-    cert_pem = read_pem(server.cert, "server.cert")
-    key_pem = read_pem(server.key, "server.key")
+    cert_pem = read_pem(server.cert, "server.cert", fetched)
+    key_pem = read_pem(server.key, "server.key", fetched)
     chain = _load_certs(cert_pem, "server.cert", server.cert)
     if not chain:
         raise ConfigError("server.cert", f"{server.cert}: no certificate found")
@@ -154,7 +171,7 @@ def build_server_context(server: ServerConfig) -> tuple[ssl.SSLContext, list[Cer
         except OSError as exc:
             raise ConfigError("server.key", f"{server.key}: cannot load key ({exc.strerror or exc})") from None
 
-    ca_pem = read_pem(server.client_ca, "server.client_ca")
+    ca_pem = read_pem(server.client_ca, "server.client_ca", fetched)
     cas = _load_certs(ca_pem, "server.client_ca", server.client_ca)
     if not cas:
         raise ConfigError("server.client_ca", f"{server.client_ca}: no certificate found")
@@ -165,7 +182,7 @@ def build_server_context(server: ServerConfig) -> tuple[ssl.SSLContext, list[Cer
         raise ConfigError("server.client_ca", f"{server.client_ca}: {exc.reason or exc}") from None
     facts.extend(CertFact(f"client_ca:{_cn(c.subject)}", c.not_valid_after_utc.timestamp()) for c in cas)
     if server.crl is not None:
-        crl_pem = read_pem(server.crl, "server.crl")
+        crl_pem = read_pem(server.crl, "server.crl", fetched)
         crls = load_crls(crl_pem, server.crl)
         for crl in crls:
             nu = crl.next_update_utc
@@ -238,10 +255,10 @@ def load_crls(pem: bytes, source: PemSource) -> list[x509.CertificateRevocationL
     return crls
 
 
-def build_upstream_context(upstream: UpstreamConfig) -> ssl.SSLContext:
+def build_upstream_context(upstream: UpstreamConfig, fetched: Fetched | None = None) -> ssl.SSLContext:
     """The context for connections to the API: verifies the upstream certificate for ``upstream.host``."""
     if upstream.ca_bundle is not None:
-        pem = read_pem(upstream.ca_bundle, "upstream.ca_bundle")
+        pem = read_pem(upstream.ca_bundle, "upstream.ca_bundle", fetched)
         if not _load_certs(pem, "upstream.ca_bundle", upstream.ca_bundle):
             raise ConfigError("upstream.ca_bundle", f"{upstream.ca_bundle}: no certificate found")
         try:

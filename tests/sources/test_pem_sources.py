@@ -84,3 +84,21 @@ def test_loading_a_file_only_config_does_not_import_boto3(pki: Pki) -> None:
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('boto3', 'botocore')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_context_built_from_fetched_material_makes_no_second_request(pki: Pki, dp: DistributionPoint) -> None:
+    # A reload after a poll found a change builds from what the poll read: one request per change, not two.
+    from proxy.sources.material import Material
+
+    dp.put("/crl.pem", pki.crl.read_bytes())
+    dp.put("/other.pem", pki.crl.read_bytes())
+    src = PemSource(uri=dp.url("/crl.pem"))
+    material = Material({"server.crl": src.location}, environ={})
+    material.load()
+    assert len(dp.seen) == 1
+    _, facts = build_server_context(_server(pki, crl=src), material)
+    assert any(f.label.startswith("crl:") for f in facts)
+    assert len(dp.seen) == 1  # nothing requested again
+    # The configuration now names another location for the key: that one is read, not the stale copy.
+    build_server_context(_server(pki, crl=PemSource(uri=dp.url("/other.pem"))), material)
+    assert [s.path for s in dp.seen] == ["/crl.pem", "/other.pem"]
