@@ -59,7 +59,7 @@ RUN groupadd --gid 10001 mtls-proxy \
        --shell /usr/sbin/nologin mtls-proxy \
     && install -d -o 10001 -g 10001 -m 0750 /certs
 COPY --from=build /opt/mtls-proxy /opt/mtls-proxy
-# The venv first on PATH: `mtls-proxy`, and `python3` for the health check and `python3 -m proxy.demo_upstream`.
+# The venv first on PATH: `mtls-proxy`, and `python3` for the health check and `python3 -m proxy.dev.demo_upstream`.
 # Bytecode was compiled at install time; never try to write more (the root filesystem is read-only). HOME and the
 # working directory point at /tmp, the only writable place. The listen addresses are the image's port contract;
 # like every MTLS_PROXY_* variable they override the same keys of a --config file.

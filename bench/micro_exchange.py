@@ -22,14 +22,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from proxy.accesslog import AccessLog  # noqa: E402
 from proxy.config import AllowRule, load  # noqa: E402
-from proxy.connection import ClientConnection, Peer  # noqa: E402
-from proxy.forward import UpstreamConnection, UpstreamPool  # noqa: E402
-from proxy.headers import connection_block, upstream_block  # noqa: E402
+from proxy.connection import ClientConnection  # noqa: E402
+from proxy.runtime import Peer  # noqa: E402
+from proxy.sockets import Lingerer  # noqa: E402
+from proxy.slots import ConnectionSlots  # noqa: E402
+from proxy.state import ServerState  # noqa: E402
+from proxy.upstream import UpstreamConnection, UpstreamPool  # noqa: E402
+from proxy.wire.headers import connection_block, upstream_block  # noqa: E402
 from proxy.identity import Identity  # noqa: E402
 from proxy.metrics import Metrics  # noqa: E402
 from proxy.policy import Policy  # noqa: E402
 from proxy.accesslog import connection_prefix  # noqa: E402
-from proxy.client_cert import rfc9440_lines  # noqa: E402
+from proxy.wire.client_cert import rfc9440_lines  # noqa: E402
 from proxy.partners import Partners, limits_of  # noqa: E402
 
 REQUEST = (b"GET /orders/123?x=1 HTTP/1.1\r\nHost: localhost:18444\r\nUser-Agent: wrk\r\nAccept: */*\r\n"
@@ -77,31 +81,18 @@ class _SSL:
     context = None
 
 
-class FakeServer:
-    def __init__(self, loop: asyncio.AbstractEventLoop, cfg, log_fd: int | None) -> None:
-        self.loop = loop
-        self.cfg = cfg
-        self.metrics = Metrics()
-        self.draining = False
-        self.base_path = b"/prod"
-        self.pool = UpstreamPool(loop, cfg.upstream, None)  # type: ignore[arg-type]
-        self.access_log = AccessLog(loop, log_fd)
-        self.partners = Partners(time.monotonic_ns, time.time)
-
-    def connection_opened(self, c: object) -> None:
-        pass
-
-    def connection_closed(self, c: object) -> None:
-        pass
-
-
 async def main(n: int) -> None:
     loop = asyncio.get_running_loop()
     env = {"MTLS_PROXY_SERVER_CERT": "x", "MTLS_PROXY_SERVER_KEY": "x", "MTLS_PROXY_SERVER_CLIENT_CA": "x",
            "MTLS_PROXY_UPSTREAM_URL": "https://api.test/prod", "MTLS_PROXY_ALLOW":
            '[{"name": "partner-a", "subject_cn": ["client-a"], "paths": ["/orders/**"]}]'}
     cfg = load(None, env)
-    srv = FakeServer(loop, cfg, None if os.environ.get("NOLOG") else os.open(os.devnull, os.O_WRONLY))
+    metrics = Metrics()
+    log_fd = None if os.environ.get("NOLOG") else os.open(os.devnull, os.O_WRONLY)
+    # The real shared state a ProxyServer builds, but no runtime: the connection is handed its Peer directly.
+    srv = ServerState(loop, cfg, None, metrics, UpstreamPool(loop, cfg.upstream, None),  # type: ignore[arg-type]
+                      AccessLog(loop, log_fd), Lingerer(loop), Partners(time.monotonic_ns, time.time),
+                      ConnectionSlots(10, metrics))
     ident = Identity(subject="CN=client-a,O=partner", common_names=("client-a",), san_dns=(), san_uri=(),
                      serial="1A2B", fingerprint="ab" * 32, not_after=2e9,
                      xfcc='Hash=' + "ab" * 32 + ';Subject="CN=client-a,O=partner"', thumbprint="q" * 43)
@@ -114,7 +105,7 @@ async def main(n: int) -> None:
                 connection_block(upstream_block(cfg.upstream), ident, "10.0.0.1", None, cert_lines),
                 connection_prefix("10.0.0.1", None, ident.subject, ident.fingerprint), "10.0.0.1", None,
                 limits_of([rule]))
-    conn = ClientConnection(srv, peer)  # type: ignore[arg-type]
+    conn = ClientConnection(srv, peer)
     ct = MemTransport()
     conn.connection_made(ct)  # type: ignore[arg-type]
     up = UpstreamConnection(srv.pool)

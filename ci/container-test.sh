@@ -202,7 +202,7 @@ podman run --rm --no-healthcheck "${hardening[@]}" -v "$certs:/certs" "$IMAGE" \
 if [ ! -f "$certs/other.crt" ] || [ ! -f "$certs/server.crt" ]; then die "certs init wrote no certificates"; fi
 
 podman run -d --name "$STANDALONE-upstream" --no-healthcheck "${hardening[@]}" -v "$certs:/certs:ro" \
-  --entrypoint '["python3", "-m", "proxy.demo_upstream"]' "$IMAGE" --listen 127.0.0.1:9443 \
+  --entrypoint '["python3", "-m", "proxy.dev.demo_upstream"]' "$IMAGE" --listen 127.0.0.1:9443 \
   --cert /certs/upstream.crt --key /certs/upstream.key --api-id demo --stage prod >/dev/null 2>"$work/run.err" \
   || { cat "$work/run.err" >&2; die "podman run of the upstream failed"; }
 # The PEM material as ECS passes Secrets Manager secrets: environment variables named by env:NAME sources.

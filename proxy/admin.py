@@ -10,7 +10,7 @@ NLB health checks to this port carry a PROXY protocol v2 header when the target 
 ``proxy_protocol`` an optional v2 header at the start of a connection is read and dropped (its 12-byte signature
 cannot start an HTTP request).
 
-Why a small asyncio protocol on ``proxy.http1`` and not aiohttp's server: three fixed GET endpoints do not need
+Why a small asyncio protocol on ``proxy.wire.http1`` and not aiohttp's server: three fixed GET endpoints do not need
 a web framework, and importing aiohttp's server costs every worker about 14 MB of resident memory (measured),
 over a third of the 40 MB an idle worker may use.  The strict parser also means the admin port refuses the same
 malformed input as the proxy port.
@@ -26,8 +26,8 @@ import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import http1
-from . import proxy_protocol as pp
+from .wire import http1
+from .wire import proxy_protocol as pp
 from .config import Address
 from .errors import ProxyError
 from .metrics import Snapshot, registry_for

@@ -141,7 +141,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_certs_init(args: argparse.Namespace) -> int:
-    from .devpki import DevPkiError, init_dev_pki
+    from .dev.devpki import DevPkiError, init_dev_pki
 
     try:
         written = init_dev_pki(Path(args.dir), clients=args.client, server_names=args.server_name, force=args.force)
@@ -156,8 +156,8 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-    from .devpki import DevPkiError
+    from .dev.demo import run_demo
+    from .dev.devpki import DevPkiError
 
     setup_logging("info")
     try:

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from .client_cert import x5t_s256_of_digest
+from .wire.client_cert import x5t_s256_of_digest
 
 __all__ = ["Identity", "IdentityError", "escape_rfc4514", "parse_identity"]
 

@@ -11,7 +11,7 @@ TLS transport and the connection own both.  An unexpected exception while one co
 handshaking is logged once with its traceback and ends that connection (reset, slot released); it never escapes
 into the accept loop, where it would drop the rest of the accept batch and leak the slot.
 
-Must not: parse the PROXY header itself (``proxy.proxy_protocol``) or HTTP.
+Must not: parse the PROXY header itself (``proxy.wire.proxy_protocol``) or HTTP.
 """
 
 from __future__ import annotations
@@ -23,56 +23,36 @@ import socket
 import ssl
 from typing import TYPE_CHECKING
 
-from . import proxy_protocol as pp
+from .wire import proxy_protocol as pp
 from .connection import ClientConnection
 from .identity import IdentityError
 from .slots import Slot
 from .tls import handshake_failure_detail, handshake_failure_reason, peer_chains
-from .transport import TLSTransport, abort_socket
+from .sockets import abort_socket
+from .transport import TLSTransport
 
 if TYPE_CHECKING:
-    from .server import ProxyServer
+    from .state import ServerState
 
 log = logging.getLogger("mtls_proxy")
 ACCEPT_BATCH = 64  # connections accepted per readiness event before other work gets a turn
 
 
-def bind(host: str, port: int, reuse_port: bool = False, backlog: int = 1024, listen: bool = True) -> socket.socket:
-    """A non-blocking listening socket (SO_REUSEPORT when several workers share the port)."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind(addr)
-        if listen:
-            sock.listen(backlog)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 class Listener:
     """Accepts on the listening socket from a readiness callback (registered once, not per accept)."""
 
-    def __init__(self, server: ProxyServer, sock: socket.socket) -> None:
-        self.srv = server
+    def __init__(self, shared: ServerState, sock: socket.socket) -> None:
+        self.shared = shared
         self.sock = sock
         self.incoming: set[Incoming] = set()
         self._paused: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
-        self.srv.loop.add_reader(self.sock.fileno(), self._accept)
+        self.shared.loop.add_reader(self.sock.fileno(), self._accept)
 
     def _accept(self) -> None:
-        srv = self.srv
-        slots = srv.slots
+        shared = self.shared
+        slots = shared.slots
         for _ in range(ACCEPT_BATCH):
             try:
                 conn, addr = self.sock.accept()
@@ -82,16 +62,16 @@ class Listener:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     # Out of descriptors or memory: stop accepting for a moment instead of spinning.
                     log.error("accept failed: %s; pausing accepts for 100 ms", exc.strerror)
-                    srv.loop.remove_reader(self.sock.fileno())
-                    self._paused = srv.loop.call_later(0.1, self._resume)
+                    shared.loop.remove_reader(self.sock.fileno())
+                    self._paused = shared.loop.call_later(0.1, self._resume)
                     return
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue  # the client gave up while queued
                 raise
-            srv.metrics.connections_total += 1
+            shared.metrics.connections_total += 1
             slot = slots.take()
             if slot is None:
-                srv.metrics.connections_rejected += 1
+                shared.metrics.connections_rejected += 1
                 abort_socket(conn)
                 continue
             inc = Incoming(self, conn, addr[0], slot)
@@ -105,7 +85,7 @@ class Listener:
         self.start()
 
     def close(self) -> None:
-        loop = self.srv.loop
+        loop = self.shared.loop
         if self._paused is not None:
             self._paused.cancel()
         else:
@@ -131,14 +111,14 @@ class Incoming:
     TLS handshake on the same socket.
     """
 
-    __slots__ = ("lst", "srv", "loop", "sock", "fd", "peer_addr", "client_addr", "vpce_id", "local", "buf", "need",
+    __slots__ = ("lst", "shared", "loop", "sock", "fd", "peer_addr", "client_addr", "vpce_id", "local", "buf", "need",
                  "tls", "timer", "writer", "done", "rt", "slot")
 
     def __init__(self, lst: Listener, conn: socket.socket, peer_addr: str, slot: Slot) -> None:
         # Only attribute assignments: every state _close() may see is set before anything can fail.
         self.lst = lst
-        self.srv = lst.srv
-        self.loop = lst.srv.loop
+        self.shared = lst.shared
+        self.loop = lst.shared.loop
         self.sock: socket.socket = conn
         self.fd = conn.fileno()
         self.slot = slot
@@ -154,7 +134,7 @@ class Incoming:
         self.rt = None
 
     def start(self) -> None:
-        cfg = self.srv.cfg.server
+        cfg = self.shared.cfg.server
         conn = self.sock
         try:
             conn.setblocking(False)
@@ -224,16 +204,16 @@ class Incoming:
             self._handshake()  # the ClientHello may already be queued behind the header
 
     def _proxy_error(self, exc: pp.ProxyProtocolError) -> None:
-        srv = self.srv
-        srv.metrics.bump(srv.metrics.proxy_protocol_errors, exc.reason)
+        shared = self.shared
+        shared.metrics.bump(shared.metrics.proxy_protocol_errors, exc.reason)
         log.warning("proxy protocol error", extra={"fields": {"peer": self.peer_addr, "error": str(exc)}})
         self._close(reset=True)
 
     # -- TLS handshake ---------------------------------------------------------------------------------------
     def _start_tls(self) -> None:
-        srv = self.srv
+        shared = self.shared
         self.tls = True
-        rt = srv.runtime  # the snapshot current at accept time: a reload swaps it for later connections
+        rt = shared.runtime  # the snapshot current at accept time: a reload swaps it for later connections
         try:
             # A peer that reset before TLS starts leaves a socket that is no longer connected (ENOTCONN).
             # wrap_socket would detach the descriptor into the SSLSocket it builds, probe it with recv(1), get
@@ -253,7 +233,7 @@ class Incoming:
             self._close(reset=True)
             return
         self.rt = rt
-        self.timer = self.loop.call_later(srv.cfg.server.handshake_timeout, self._timeout)
+        self.timer = self.loop.call_later(shared.cfg.server.handshake_timeout, self._timeout)
 
     def _handshake(self) -> None:
         sock: ssl.SSLSocket = self.sock  # type: ignore[assignment]
@@ -290,12 +270,12 @@ class Incoming:
             self._failed(TimeoutError("TLS handshake not complete within handshake_timeout"))
 
     def _failed(self, exc: BaseException) -> None:
-        srv = self.srv
+        shared = self.shared
         if self.local and not isinstance(exc, ssl.SSLCertVerificationError):
             self._close(reset=True)  # an NLB health-check connection (PROXY LOCAL) that closed: not a failure
             return
         reason = handshake_failure_reason(exc)
-        srv.metrics.handshake_failures[reason] += 1
+        shared.metrics.handshake_failures[reason] += 1
         log.info("tls handshake failed", extra={"fields": {
             "client": self.client_addr, "vpce": self.vpce_id, "reason": reason,
             "detail": handshake_failure_detail(exc)}})
@@ -305,20 +285,20 @@ class Incoming:
         self._close(reset=not isinstance(exc, ssl.SSLError), linger=isinstance(exc, ssl.SSLError))
 
     def _verified(self) -> None:
-        srv = self.srv
+        shared = self.shared
         sock: ssl.SSLSocket = self.sock  # type: ignore[assignment]
         try:
             chains = peer_chains(sock) if self.rt.cfg.identity.client_cert_header else None
             peer = self.rt.peer(sock.getpeercert(binary_form=True), self.client_addr, self.vpce_id, chains)
         except IdentityError as exc:
             # OpenSSL verified it but it cannot be turned into identity headers: refused, and counted.
-            srv.metrics.handshake_failures["other"] += 1
+            shared.metrics.handshake_failures["other"] += 1
             log.warning("unusable client certificate", extra={"fields": {"client": self.client_addr,
                                                                          "error": str(exc)}})
             self._close(reset=True)
             return
-        proto = ClientConnection(srv, peer, self.slot)
-        transport = TLSTransport(self.loop, sock, proto, lingerer=srv.lingerer)
+        proto = ClientConnection(shared, peer, self.slot)
+        transport = TLSTransport(self.loop, sock, proto, lingerer=shared.lingerer)
         # From here the transport owns the socket and the connection owns the slot: the transport always ends in
         # connection_lost, which releases it.  start() takes over the reader callback and never raises.
         self._finish_handshake()
@@ -345,7 +325,7 @@ class Incoming:
             except (OSError, ValueError):
                 pass
             if linger:
-                self.srv.lingerer.start(self.sock)
+                self.shared.lingerer.start(self.sock)
             elif reset:
                 abort_socket(self.sock)
             else:

@@ -30,16 +30,18 @@ if TYPE_CHECKING:
     from prometheus_client.core import Metric
     from prometheus_client.registry import CollectorRegistry
 
-from .proxy_protocol import REASONS as PROXY_PROTOCOL_REASONS
+from .errors import UPSTREAM_ERROR_KINDS
+from .policy import DENIED_REASONS as POLICY_DENIALS
+from .tls import HANDSHAKE_REASONS
+from .wire.proxy_protocol import REASONS as PROXY_PROTOCOL_REASONS
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-HANDSHAKE_REASONS = ("no_cert", "untrusted", "expired", "revoked", "bad_purpose", "protocol", "timeout", "other")
 # The other bounded label sets, exported as zero-valued series from the start: a series that appears only with
 # its first event hides that event from rate()/increase() (Prometheus "Instrumentation: avoid missing metrics").
-# policy.REASONS - "allowed", and the rate limit (a 429, not a 403)
-DENIED_REASONS = ("no_rule_for_client", "method_not_allowed", "path_not_allowed", "rate_limited")
-UPSTREAM_ERROR_KINDS = ("connect", "tls", "protocol", "closed", "timeout", "other")  # errors.UpstreamError.kind
+# Each label set is imported from the module that produces the values.  Denials: the policy's, and the rate limit
+# (a 429, not a 403).
+DENIED_REASONS = (*POLICY_DENIALS, "rate_limited")
 
 Snapshot = dict[str, Any]
 

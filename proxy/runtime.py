@@ -2,7 +2,8 @@
 
 Owns: building everything a *new* connection needs that may change without a restart — the client-facing TLS
 context (server cert/key, client CA, CRL, depth), the upstream TLS context, the compiled allow rules — and the
-per-certificate cache of parsed identities, the rules' rate limits, and the RFC 9440 lines remembered per leaf certificate
+per-certificate cache of parsed identities (each connection's facts, fixed after its handshake, are a ``Peer``:
+identity, the policy pre-filtered for it, the header block, the log prefix), the rules' rate limits, and the RFC 9440 lines remembered per leaf certificate
 (a resumed TLS session has no chain in OpenSSL: it gets the lines of the full handshake that created it).  ``build_runtime`` is pure and blocking (it reads files); the server
 runs it off the event loop and swaps the reference in one assignment.  Connections keep the snapshot they
 started with.
@@ -15,14 +16,14 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .accesslog import connection_prefix
-from .client_cert import rfc9440_lines, sent_intermediates
+from .wire.client_cert import rfc9440_lines, sent_intermediates
 from .config import Config
-from .connection import Peer
 from .errors import ConfigError, ConfigErrors
-from .headers import connection_block, upstream_block
+from .wire.headers import connection_block, upstream_block
 from .identity import Identity, parse_identity
 from .partners import Limit, limits_of
 from .policy import ConnectionPolicy, Policy, PolicyError
@@ -33,6 +34,24 @@ log = logging.getLogger("mtls_proxy")
 IDENTITY_CACHE = 4096  # distinct (certificate, endpoint) pairs remembered per snapshot
 CHAIN_MEMO = 4096  # leaf certificates whose RFC 9440 lines are remembered per snapshot (for resumed sessions)
 Chains = tuple[list[bytes] | None, list[bytes] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Everything about a connection that is fixed after the handshake, computed once."""
+
+    identity: Identity
+    policy: ConnectionPolicy
+    block: bytes  # headers added to every request
+    log_prefix: str
+    client_addr: str
+    vpce_id: str | None
+    limits: Mapping[str, Limit] = field(default_factory=dict)  # [[allow]] rate limits of this snapshot
+
+    @property
+    def added(self) -> int:
+        return len(self.block)
+
 
 
 @dataclass(slots=True)

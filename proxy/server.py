@@ -32,17 +32,17 @@ from . import config as config_mod
 from .accesslog import AccessLog
 from .admin import AdminServer
 from .config import Config
-from .connection import ClientConnection
 from .emf_output import EmfOutput
 from .errors import ConfigErrors
-from .forward import UpstreamPool
-from .listener import Listener, bind
+from .upstream import UpstreamPool
+from .listener import Listener
+from .sockets import Lingerer, bind
 from .metrics import Metrics
 from .partners import Partners
 from .runtime import Runtime, build_runtime
 from .slots import ConnectionSlots
+from .state import ServerState
 from .supervisor import WorkerControl
-from .transport import Lingerer
 
 log = logging.getLogger("mtls_proxy")
 
@@ -57,20 +57,13 @@ class ProxyServer:
         lines there (default: ``metrics.emf``; a worker of a supervisor never does, its supervisor writes them)."""
         self.cfg = cfg
         self.metrics = metrics or Metrics()
-        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
-        self.runtime: Runtime = None  # type: ignore[assignment]
-        self.pool: UpstreamPool = None  # type: ignore[assignment]
-        self.access_log: AccessLog = None  # type: ignore[assignment]
-        self.lingerer: Lingerer = None  # type: ignore[assignment]
+        self.state: ServerState = None  # type: ignore[assignment]  # built by start(): what connections share
         # CLOCK_MONOTONIC (what the event loop's time() reads) drives the rate-limit buckets, in whole nanoseconds.
         self.partners = Partners(time.monotonic_ns, time.time)
         self.metrics.partner_facts = self._partner_facts
-        self.connections: set[ClientConnection] = set()
         # accepted sockets not yet closed, including those still handshaking: the one count of them
         self.slots = ConnectionSlots(cfg.server.max_connections, self.metrics)
-        self.draining = False
         self.ready = False
-        self.base_path = cfg.upstream.base_path.encode("ascii")
         self._access_fd = access_fd if cfg.log.access else None
         self._stdout_fd = access_fd
         self._emf_enabled = cfg.metrics.emf if emf is None else emf
@@ -82,42 +75,43 @@ class ProxyServer:
 
     async def start(self, sock: socket.socket | None = None, runtime: Runtime | None = None) -> None:
         """Load certificates, bind, and start accepting.  Raises ConfigErrors or OSError."""
-        self.loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         remote = _remote_sources(self.cfg)
         if remote:
             # Imported only here: a proxy with file and env: sources never loads the source readers (or boto3).
             from .sources.material import Material
 
             self._sources = Material(remote, _VALIDATORS, environ=os.environ)
-            await self.loop.run_in_executor(None, self._sources.load)  # ConfigErrors naming the key: fatal
+            await loop.run_in_executor(None, self._sources.load)  # ConfigErrors naming the key: fatal
             self._record_sources()
-        self.runtime = runtime or build_runtime(self.cfg, self._sources)
-        self._publish_facts(self.runtime)
+        rt = runtime or build_runtime(self.cfg, self._sources)
+        self._publish_facts(rt)
         self._stamps = _stamp_all(self.cfg.watched_files)
-        self.pool = UpstreamPool(self.loop, self.cfg.upstream, self.runtime.upstream_context)
-        self.access_log = AccessLog(self.loop, self._access_fd, self.metrics)
-        self.lingerer = Lingerer(self.loop, limit=self.cfg.server.max_connections)
+        self.state = ServerState(loop, self.cfg, rt, self.metrics,
+                                 UpstreamPool(loop, self.cfg.upstream, rt.upstream_context),
+                                 AccessLog(loop, self._access_fd, self.metrics),
+                                 Lingerer(loop, limit=self.cfg.server.max_connections), self.partners, self.slots)
         listen = self.cfg.server.listen
         if sock is None:
             sock = bind(listen.host, listen.port, reuse_port=self.cfg.server.workers > 1)
         self.address = sock.getsockname()[:2]
-        self._listener = Listener(self, sock)
+        self._listener = Listener(self.state, sock)
         self._listener.start()
         if self._emf_enabled:
             self._start_emf()
         self.ready = True
         log.info("listening", extra={"fields": {"address": f"{self.address[0]}:{self.address[1]}",
-                                                "upstream": self.cfg.upstream.url, "loop": _loop_name(self.loop)}})
+                                                "upstream": self.cfg.upstream.url, "loop": _loop_name(loop)}})
 
     def _start_emf(self) -> None:
         # The access log's writer when there is one (one writer per descriptor: two would each register the
         # descriptor with the loop, and the second would silently replace the first); else one of its own.
         if self._access_fd is not None:
-            out, owned = self.access_log, False
+            out, owned = self.state.access_log, False
         else:
-            out, owned = AccessLog(self.loop, self._stdout_fd, self.metrics), True
+            out, owned = AccessLog(self.state.loop, self._stdout_fd, self.metrics), True
         metrics = self.metrics
-        self.emf = EmfOutput(self.loop, self.cfg.metrics, out, lambda: {"process": metrics.snapshot()},
+        self.emf = EmfOutput(self.state.loop, self.cfg.metrics, out, lambda: {"process": metrics.snapshot()},
                              owns_out=owned)
         self.emf.start()
 
@@ -128,13 +122,6 @@ class ProxyServer:
     @property
     def active(self) -> int:
         return self.slots.active
-
-    # -- connection bookkeeping (called by ClientConnection; its slot is its own) -------------------------
-    def connection_opened(self, conn: ClientConnection) -> None:
-        self.connections.add(conn)
-
-    def connection_closed(self, conn: ClientConnection) -> None:
-        self.connections.discard(conn)
 
     # -- reload ------------------------------------------------------------------------------------------
     def files_changed(self) -> bool:
@@ -149,7 +136,7 @@ class ProxyServer:
         turns failing and once when it recovers."""
         if self._sources is None:
             return False
-        result = await self.loop.run_in_executor(None, self._sources.poll)
+        result = await self.state.loop.run_in_executor(None, self._sources.poll)
         for key, problem in result.became_failing.items():
             log.error("source %s failing, keeping its last good copy: %s", key, problem)
         for key in result.recovered:
@@ -166,15 +153,15 @@ class ProxyServer:
         """Re-read config and files off the loop; swap on success, keep the old snapshot on failure."""
         stamps = _stamp_all(self.cfg.watched_files)
         try:
-            rt = await self.loop.run_in_executor(None, self._build_reloaded)
+            rt = await self.state.loop.run_in_executor(None, self._build_reloaded)
         except ConfigErrors as exc:
             self._stamps = stamps  # do not retry the same broken files every interval
             self.metrics.reloads["error"] += 1
             log.error("reload failed, keeping the previous certificates and rules: %s",
                       "; ".join(str(e) for e in exc.errors))
             return False
-        self.runtime = rt
-        self.pool.ssl_context = rt.upstream_context
+        self.state.runtime = rt
+        self.state.pool.ssl_context = rt.upstream_context
         self._stamps = stamps
         self._publish_facts(rt)
         self.metrics.reloads["success"] += 1
@@ -203,21 +190,21 @@ class ProxyServer:
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let in-flight exchanges finish within ``timeout``, then reset what is left."""
         self.ready = False
-        self.draining = True
+        self.state.draining = True
         if self._listener is not None:
             self._listener.close()
-        for conn in list(self.connections):
+        for conn in list(self.state.connections):
             conn.shutdown()
         if not await self.slots.wait_empty(timeout):
-            log.warning("drain timeout: resetting %d connections", len(self.connections))
-        for conn in list(self.connections):
+            log.warning("drain timeout: resetting %d connections", len(self.state.connections))
+        for conn in list(self.state.connections):
             conn.abort()
-        self.pool.close()
+        self.state.pool.close()
         await asyncio.sleep(0)  # let connection_lost callbacks run
-        self.lingerer.close_all()
+        self.state.lingerer.close_all()
         if self.emf is not None:
             self.emf.close()  # the last interval's counts, drain included
-        self.access_log.close()
+        self.state.access_log.close()
 
 
 def _loop_name(loop: asyncio.AbstractEventLoop) -> str:

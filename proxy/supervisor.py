@@ -35,7 +35,7 @@ from .admin import AdminServer
 from .cert_tracker import CertTable, Feed
 from .config import Config
 from .emf_output import EmfOutput
-from .listener import bind
+from .sockets import bind
 from .metrics import Metrics, Snapshot
 
 log = logging.getLogger("mtls_proxy")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy import config as config_mod
-from proxy import demo_upstream
+from proxy.dev import demo_upstream
 from proxy.server import ProxyServer
 from tests.pki import ClientCert, Pki
 
@@ -116,7 +116,7 @@ class RunningProxy:
         return self.server.address[1]
 
     def access(self) -> list[dict[str, Any]]:
-        self.server.access_log.flush()
+        self.server.state.access_log.flush()
         return self.log.lines()
 
 
@@ -128,7 +128,7 @@ async def start_proxy(cfg: config_mod.Config) -> RunningProxy:
 
 
 async def stop_proxy(rp: RunningProxy, timeout: float = 2.0) -> None:
-    if not rp.server.draining:
+    if not rp.server.state.draining:
         await rp.server.drain(timeout)
     rp.log.close()
 

@@ -18,7 +18,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 from proxy import admin as admin_mod
-from proxy import proxy_protocol as pp
+from proxy.wire import proxy_protocol as pp
 from proxy.admin import AdminServer
 from proxy.config import Address
 from proxy.cert_tracker import CertTable

@@ -32,8 +32,8 @@ import pytest
 from cfnlint.decode import decode
 
 from proxy import config as config_mod
-from proxy.demo import DEMO_TOML
-from proxy.devpki import init_dev_pki
+from proxy.dev.demo import DEMO_TOML
+from proxy.dev.devpki import init_dev_pki
 from tests.harness import ProxyProcess, free_port, spawn_proxy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -282,7 +282,7 @@ def test_compose_translation_keeps_every_setting(compose_podman: ModuleType, com
         assert expected in joined, expected
     assert args[-1] == "mtls-proxy:local", "the proxy runs the image's own entrypoint and command"
     upstream = compose_podman.run_args(project, "upstream", Path("/x/hosts"))
-    assert upstream[upstream.index("--entrypoint") + 1] == '["python3", "-m", "proxy.demo_upstream"]'
+    assert upstream[upstream.index("--entrypoint") + 1] == '["python3", "-m", "proxy.dev.demo_upstream"]'
     assert compose_podman.start_order(project, "smoke") == ["certs", "upstream", "proxy", "smoke"]
 
 
@@ -346,10 +346,10 @@ def demo_pki(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def demo_upstream(demo_pki: Path, tmp_path: Path) -> Iterator[int]:
-    """``python -m proxy.demo_upstream`` as a process on a free port, with the dev PKI's upstream certificate."""
+    """``python -m proxy.dev.demo_upstream`` as a process on a free port, with the dev PKI's upstream certificate."""
     port = free_port()
     log = (tmp_path / "upstream.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "proxy.demo_upstream", "--listen", f"127.0.0.1:{port}",
+    proc = subprocess.Popen([sys.executable, "-m", "proxy.dev.demo_upstream", "--listen", f"127.0.0.1:{port}",
                              "--cert", str(demo_pki / "upstream.crt"), "--key", str(demo_pki / "upstream.key")],
                             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
@@ -370,7 +370,7 @@ def test_demo_upstream_command_refuses_bad_arguments(demo_pki: Path, args: list[
     base = {"--listen": f"127.0.0.1:{free_port()}", "--cert": str(demo_pki / "upstream.crt"),
             "--key": str(demo_pki / "upstream.key")}
     base.update(zip(args[::2], args[1::2]))
-    proc = subprocess.run([sys.executable, "-m", "proxy.demo_upstream", *[x for kv in base.items() for x in kv]],
+    proc = subprocess.run([sys.executable, "-m", "proxy.dev.demo_upstream", *[x for kv in base.items() for x in kv]],
                           capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert proc.returncode == code and message in proc.stderr, proc.stderr
 

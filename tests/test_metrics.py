@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import metrics
 from proxy.metrics import DURATION_BUCKETS, Metrics, Snapshot, merge, registry_for
-from proxy.proxy_protocol import REASONS as PP_REASONS
+from proxy.wire.proxy_protocol import REASONS as PP_REASONS
 
 Labels = frozenset[tuple[str, str]]
 

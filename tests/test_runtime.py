@@ -13,7 +13,7 @@ from cryptography.x509.oid import ExtensionOID
 from proxy import config as config_mod
 from proxy import runtime
 from proxy.config import AllowRule
-from proxy.client_cert import rfc9440_lines
+from proxy.wire.client_cert import rfc9440_lines
 from proxy.errors import ConfigErrors
 from tests.harness import write_config
 from tests.pki import Pki

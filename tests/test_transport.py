@@ -23,7 +23,8 @@ import uvloop
 
 from proxy import tls
 from proxy.config import PemSource, ServerConfig
-from proxy.transport import Lingerer, TLSTransport, handshake
+from proxy.sockets import Lingerer
+from proxy.transport import TLSTransport, handshake
 from tests.pki import Pki
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}

@@ -24,11 +24,11 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from proxy import http1, proxy_protocol
+from proxy.wire import http1, proxy_protocol
 from proxy.accesslog import connection_prefix
 from proxy.config import AllowRule, load
-from proxy.devpki import init_dev_pki
-from proxy.headers import SPOOFABLE, connection_block, request_head, response_head, upstream_block
+from proxy.dev.devpki import init_dev_pki
+from proxy.wire.headers import SPOOFABLE, connection_block, request_head, response_head, upstream_block
 from proxy.identity import Identity, parse_identity
 from proxy.policy import ConnectionPolicy, Policy, normalize_path
 

@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from ..proxy_protocol import VPCE_ID
+from ..wire.proxy_protocol import VPCE_ID
 from ..wire.paths import HEX, PCT_TRIPLET, UNRESERVED, upper_percent
 from .model import Address
 

@@ -24,6 +24,7 @@ HEADER_BLOCK = re.compile(rb"(?:" + TCHAR + rb"+:" + FIELD_VALUE + rb"\r\n)*")
 REASON_PHRASES = {
     200: b"OK", 400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed",
     408: b"Request Timeout", 413: b"Content Too Large", 414: b"URI Too Long", 417: b"Expectation Failed",
+    429: b"Too Many Requests",
     431: b"Request Header Fields Too Large", 499: b"Client Closed Request", 501: b"Not Implemented",
     502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
 }

@@ -2,7 +2,7 @@
 
 Owns: ``run_clients`` -- N clients, each on its own TLS connection (client certificate, fresh handshake every
 ``reconnect_every`` requests), looping until a deadline over a weighted mix of requests to the demo upstream
-(``proxy.demo_upstream``): small echoes, downloads of 100 B .. 256 KiB, and uploads of 1 KiB .. 128 KiB framed by
+(``proxy.dev.demo_upstream``): small echoes, downloads of 100 B .. 256 KiB, and uploads of 1 KiB .. 128 KiB framed by
 Content-Length or chunked.  Every response is checked byte for byte (echoed target, downloaded pattern, uploaded
 sha256), so "zero errors" means every exchange was complete and correct, not merely answered.
 
@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from proxy.demo_upstream import pattern_bytes
+from proxy.dev.demo_upstream import pattern_bytes
 from tests.harness import RawClient, Response
 
 H = b"Host: api.test\r\n"

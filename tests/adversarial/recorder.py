@@ -1,7 +1,7 @@
 """A strict, recording HTTPS origin in its own thread: what did the proxy really send upstream?
 
 Owns: a TLS server (the test PKI's upstream certificate) on its own event loop in a daemon thread, an HTTP/1.1
-request reader written independently of ``proxy.http1`` and stricter than any real origin, and a record of
+request reader written independently of ``proxy.wire.http1`` and stricter than any real origin, and a record of
 every upstream connection and every request on it:
 
 * ``Received(kind="request")``: a complete, well-formed request (method, target, header lines, body);

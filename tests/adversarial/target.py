@@ -3,7 +3,7 @@
 Owns: spawning the proxy with a test config (``tests.harness.spawn_proxy``, which waits for ``/readyz``), its
 open file descriptors and resident memory read from /proc, its metrics scraped from the admin port, polling until
 the descriptor count is back to a baseline, a fixed-interval RSS sampler with the least-squares slope the load tests
-assert on, and the demo upstream (``python -m proxy.demo_upstream``) as a process of its own for load runs.
+assert on, and the demo upstream (``python -m proxy.dev.demo_upstream``) as a process of its own for load runs.
 
 Must not: sleep to wait for readiness (it polls), or leave a process running after ``stop()``.
 """
@@ -122,7 +122,7 @@ class RssSampler:
 
 @dataclass
 class DemoUpstreamProcess:
-    """``python -m proxy.demo_upstream`` (API id ``api``, stage ``prod``): the load runs' upstream, off our CPU."""
+    """``python -m proxy.dev.demo_upstream`` (API id ``api``, stage ``prod``): the load runs' upstream, off our CPU."""
 
     proc: subprocess.Popen[bytes]
     port: int
@@ -133,7 +133,7 @@ class DemoUpstreamProcess:
         log = tmp / f"demo-upstream-{port}.log"
         with log.open("wb") as fh:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "proxy.demo_upstream", "--listen", f"127.0.0.1:{port}", "--cert",
+                [sys.executable, "-m", "proxy.dev.demo_upstream", "--listen", f"127.0.0.1:{port}", "--cert",
                  str(pki.upstream_cert), "--key", str(pki.upstream_key), "--api-id", "api", "--stage", "prod"],
                 stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
         up = cls(proc, port)

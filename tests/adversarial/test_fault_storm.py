@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy import proxy_protocol as pp_lib
+from proxy.wire import proxy_protocol as pp_lib
 from tests.adversarial.figures import STORM_STAGES, Figures, StormRun
 from tests.adversarial.recorder import RecordingUpstream
 from tests.adversarial.target import metrics, settled_fds, spawn, wait_fds

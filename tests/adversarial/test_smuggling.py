@@ -4,7 +4,7 @@ Owns: one table of hostile request framings -- CL+TE, TE+CL, duplicate Content-L
 Transfer-Encoding values and spellings, chunk-size oddities, bare LF, whitespace before the colon, NUL and control
 bytes, over-long request lines and heads -- each sent in ONE write followed by a pipelined ``GET /smuggled/<case>``.
 For every case the test asserts the statuses the client got, that the connection ended, and what a strict
-recording upstream (tests/adversarial/recorder.py, a reader independent of ``proxy.http1``) received: nothing, or
+recording upstream (tests/adversarial/recorder.py, a reader independent of ``proxy.wire.http1``) received: nothing, or
 exactly the clean requests listed -- and never the smuggled request after an error.  A chunked body whose framing
 is broken within the bytes that came with its head is refused before anything goes upstream: the upstream sees no
 request at all, not even an aborted one (tests/adversarial/test_framing_in_hand.py has the streamed case, which
@@ -17,7 +17,7 @@ an upstream that would notice a single stray byte.
 
 The issue asks to run each case with aiohttp's C parser and its pure-Python parser (``AIOHTTP_NO_EXTENSIONS=1``)
 "if the proxy uses aiohttp's parsing".  It does not: client requests are parsed by the proxy's own strict parser
-(``proxy/http1.py``), so that item does not apply and there is no second run.
+(``proxy/wire/http1.py``), so that item does not apply and there is no second run.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ import pytest
 from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import NameOID
 
-from proxy import proxy_protocol as pp
+from proxy.wire import proxy_protocol as pp
 from tests.adversarial.hostile_certs import PLACEHOLDER, Credential, HostileCA, attribute
 from tests.adversarial.recorder import Received, RecordingUpstream
 from tests.adversarial.target import metrics, settled_fds, spawn, wait_fds

@@ -32,7 +32,7 @@ from tests.pki import Pki, UpstreamKind
 
 # ==== forwarding and errors (test_forwarding.py, test_errors.py) =========================================
 # fwd_loop_errors  every exception the event loop could not deliver (a proxy callback that raised) fails the test
-# fwd_demo         port of a running demo upstream (proxy.demo_upstream, upstream CA, names api.test/localhost)
+# fwd_demo         port of a running demo upstream (proxy.dev.demo_upstream, upstream CA, names api.test/localhost)
 # fwd_scripted     async (handler, which="good") -> SniUpstream: a ScriptedUpstream that records the SNI it saw
 # fwd_proxy        async (upstream_port, **write_config sections) -> RunningProxy, stopped at teardown
 # fwd_client       async (proxy, name="good") -> RawClient, closed at teardown
@@ -569,7 +569,7 @@ import json  # noqa: E402
 
 from aiohttp import web  # noqa: E402
 
-from proxy import demo_upstream  # noqa: E402
+from proxy.dev import demo_upstream  # noqa: E402
 
 CURL = "/usr/bin/curl"
 

@@ -33,7 +33,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from proxy import demo_upstream
+from proxy.dev import demo_upstream
 from tests.certificate_request import CertificateRequest, from_s_client
 from tests.e2e.conftest import Echo, echo_of
 from tests.pki import ClientCert, Pki

@@ -40,8 +40,8 @@ async def test_a_client_that_never_reads_the_end_of_a_response_is_reset_after_id
 
     tls = await asyncio.to_thread(connect)
     try:
-        await eventually(lambda: asyncio.sleep(0, len(ip.server.connections) == 1))
-        (conn,) = ip.server.connections
+        await eventually(lambda: asyncio.sleep(0, len(ip.server.state.connections) == 1))
+        (conn,) = ip.server.state.connections
         conn.transport._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         extra = b"" if keep_alive else b"Connection: close\r\n"
         await asyncio.to_thread(tls.sendall, get("/bytes/200000", host="api.test", extra=extra))
@@ -54,7 +54,7 @@ async def test_a_client_that_never_reads_the_end_of_a_response_is_reset_after_id
             return (await scrape(ip.admin_addr)).get("mtls_proxy_connections_active") == 0
 
         await eventually(slot_back, timeout=IDLE + 15)
-        assert not ip.server.connections
+        assert not ip.server.state.connections
 
         def read_rest() -> bytes:
             got = b""

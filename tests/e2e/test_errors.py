@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from proxy.http1 import MAX_HEAD
+from proxy.wire.http1 import MAX_HEAD
 from tests.e2e.conftest import SniUpstream
 from tests.harness import Handler, RawClient, Response, RunningProxy, client_ctx, free_port, get, read_request
 from tests.pki import Pki

@@ -5,7 +5,7 @@ from ``upstream.url`` while dialling ``connect_to``, upstream certificate verifi
 URL path prefix, byte-exact targets, hop-by-hop headers both ways, streamed bodies with backpressure, keep-alive
 and pipelining, HTTP/1.0 clients, ``Expect: 100-continue`` and the one retry on a stale pooled connection.
 
-Upstreams are the demo API (``proxy.demo_upstream``) or a ``ScriptedUpstream`` whose raw bytes a test controls;
+Upstreams are the demo API (``proxy.dev.demo_upstream``) or a ``ScriptedUpstream`` whose raw bytes a test controls;
 clients are ``RawClient`` (exact bytes), aiohttp and curl.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.demo_upstream import PATTERN, pattern_bytes
+from proxy.dev.demo_upstream import PATTERN, pattern_bytes
 from tests.e2e.conftest import SniUpstream
 from tests.harness import Handler, RawClient, RunningProxy, client_ctx, get, read_request
 from tests.pki import Pki
@@ -645,7 +645,7 @@ async def test_idle_connection_closed_by_upstream_is_not_reused(
     c = await fwd_client(rp)
     assert (await c.request(get("/first"))).status == 200
     async with asyncio.timeout(10):
-        while rp.server.pool.idle_count:  # the proxy notices the close and drops the idle connection
+        while rp.server.state.pool.idle_count:  # the proxy notices the close and drops the idle connection
             await asyncio.sleep(0.01)
     resp = await c.request(b"POST /pay HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n100")
     assert resp.status == 200

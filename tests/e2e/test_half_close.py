@@ -103,7 +103,7 @@ async def setup(ops: Ops) -> tuple[InProcess, Recording]:
 
 async def close_notify_seen(ip: InProcess) -> None:
     """Until the proxy has read the client's close_notify (its one connection is finishing, not reading)."""
-    await eventually(lambda: asyncio.sleep(0, any(c.closing for c in ip.server.connections)))
+    await eventually(lambda: asyncio.sleep(0, any(c.closing for c in ip.server.state.connections)))
 
 
 async def slot_back(ip: InProcess) -> None:
@@ -142,7 +142,7 @@ async def test_tls13_close_notify_while_the_upstream_is_still_working(ops: Ops) 
         half_close, ip.port, client_ctx(ops.pki, tls_max=TLS13), b"GET /hc/slow HTTP/1.1\r\n" + H + b"\r\n"))
     await asyncio.wait_for(up.got_slow.wait(), 10)
     await close_notify_seen(ip)  # the close_notify is in: the proxy must still be waiting for the answer
-    assert not exchange.done() and len(ip.server.connections) == 1
+    assert not exchange.done() and len(ip.server.state.connections) == 1
     up.gate.set()
     r = await asyncio.wait_for(exchange, 20)
     resp = parse_response(r.data)

@@ -134,7 +134,7 @@ async def test_accepted_certificate_classes(pki: Pki, auth_proxy: ProxyFactory, 
         async with session.get(f"https://localhost:{rp.port}/whoami") as resp:
             body = await resp.read()
             assert resp.status == 200, body
-        [conn] = rp.server.connections  # aiohttp keeps it alive: what did the proxy negotiate?
+        [conn] = rp.server.state.connections  # aiohttp keeps it alive: what did the proxy negotiate?
         version = conn.transport.get_extra_info("ssl_object").version()
     assert version == ("TLSv1.2" if tls == "1.2" else "TLSv1.3")
     echo = echo_of(body)
@@ -364,7 +364,7 @@ async def test_cbc_suite_accepted_when_configured(pki: Pki, auth_proxy: ProxyFac
 @pytest.mark.parametrize("tls", ["1.2", "1.3"])
 async def test_no_compression(pki: Pki, auth_proxy: ProxyFactory, tls: str) -> None:
     rp = await auth_proxy()
-    assert rp.server.runtime.server_context.options & ssl.OP_NO_COMPRESSION
+    assert rp.server.state.runtime.server_context.options & ssl.OP_NO_COMPRESSION
     client = await RawClient.connect(rp.port, tls_ctx(pki, "good", tls))
     try:
         assert client.writer.get_extra_info("ssl_object").compression() is None

@@ -1,4 +1,4 @@
-"""Coverage-guided fuzz target for ``proxy.proxy_protocol`` (atheris / libFuzzer).
+"""Coverage-guided fuzz target for ``proxy.wire.proxy_protocol`` (atheris / libFuzzer).
 
 Owns: the one-input oracle ``fuzz_one_input`` -- parse never raises anything but ProxyProtocolError with a
 known reason, ``parse`` and ``remaining_length`` agree, and every accepted header re-encodes to the same bytes
@@ -29,9 +29,9 @@ if __name__ == "__main__":
     import atheris
 
     with atheris.instrument_imports(include=["proxy"]):
-        from proxy import proxy_protocol as pp
+        from proxy.wire import proxy_protocol as pp
 else:
-    from proxy import proxy_protocol as pp
+    from proxy.wire import proxy_protocol as pp
 
 
 def fuzz_one_input(data: bytes) -> None:

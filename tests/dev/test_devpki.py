@@ -1,4 +1,4 @@
-"""proxy.devpki: the files ``mtls-proxy certs init`` writes, their modes, and that they work with real TLS.
+"""proxy.dev.devpki: the files ``mtls-proxy certs init`` writes, their modes, and that they work with real TLS.
 
 The end of this file runs the partner smoke test from the reference pattern against the generated files:
 ``curl --key client.key --cert client.crt --cacert server.crt https://localhost:PORT/``.
@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from proxy import devpki
-from proxy.devpki import DevPkiError, init_dev_pki
+from proxy.dev import devpki
+from proxy.dev.devpki import DevPkiError, init_dev_pki
 from tests.pki import probe_handshake
 
 NOW = dt.datetime(2030, 6, 1, 12, 0, tzinfo=dt.timezone.utc)

@@ -19,8 +19,8 @@ import pytest
 from proxy import tls
 from proxy.config import Address, PemSource, UpstreamConfig
 from proxy.errors import ProxyError, UpstreamConnectError, UpstreamTLSError
-from proxy.forward import UpstreamConnection, UpstreamPool
-from proxy.http1 import ResponseHead
+from proxy.upstream import UpstreamConnection, UpstreamPool
+from proxy.wire.http1 import ResponseHead
 from tests.harness import Handler, ScriptedUpstream, read_request
 from tests.pki import Pki, UpstreamKind
 
@@ -99,7 +99,7 @@ async def until(probe: Callable[[], object], timeout: float = 10.0) -> None:
 
 
 class Exchange:
-    """The client connection's side of one request (proxy.forward.Exchange)."""
+    """The client connection's side of one request (proxy.upstream.Exchange)."""
 
     def __init__(self) -> None:
         self.done: asyncio.Future[tuple[int, bytes, bool]] = asyncio.get_running_loop().create_future()
@@ -222,7 +222,7 @@ async def test_new_connections_resume_the_tls_session(pki: Pki, upstream: Start,
 async def test_dial_address_is_resolved_again_after_its_ttl(pki: Pki, upstream: Start, pools: list[UpstreamPool],
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """connect_to names a VPC endpoint whose DNS answers change: new connections must not use a stale answer."""
-    import proxy.forward as forward
+    import proxy.upstream as forward
 
     up = await upstream()
     pool = make_pool(pki, up.port, connect_to=Address("localhost", up.port))

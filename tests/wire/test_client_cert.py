@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.client_cert import (
+from proxy.wire.client_cert import (
     CLIENT_CERT_NAMES,
     byte_sequence,
     byte_sequence_list,

@@ -1,4 +1,4 @@
-"""Tests for proxy.proxy_protocol: byte tables for every accepted form and every error reason, the real AWS NLB
+"""Tests for proxy.wire.proxy_protocol: byte tables for every accepted form and every error reason, the real AWS NLB
 example header, exact consumption before a real TLS ClientHello, hypothesis properties, and a replay of the
 fuzz seed corpus through the atheris target's one-input function."""
 
@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy import proxy_protocol as pp
-from proxy.proxy_protocol import MAX_HEADER, PREFIX_LEN, SIGNATURE, ProxyInfo, ProxyProtocolError, build, parse
-from proxy.proxy_protocol import remaining_length
+from proxy.wire import proxy_protocol as pp
+from proxy.wire.proxy_protocol import MAX_HEADER, PREFIX_LEN, SIGNATURE, ProxyInfo, ProxyProtocolError, build, parse
+from proxy.wire.proxy_protocol import remaining_length
 from tests.fuzz import fuzz_proxy_protocol
 
 SIG = b"\x0d\x0a\x0d\x0a\x00\x0d\x0a\x51\x55\x49\x54\x0a"  # proxy-protocol.txt 2.2, spelled out independently

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from proxy import http1
+from proxy.wire import http1
 from proxy.config import Address, UpstreamConfig
-from proxy.headers import (
+from proxy.wire.headers import (
     CHUNKED_LINE,
     CLOSE_LINE,
     KEEP_ALIVE_LINE,
@@ -17,7 +17,7 @@ from proxy.headers import (
     response_head,
     upstream_block,
 )
-from proxy.client_cert import rfc9440_lines
+from proxy.wire.client_cert import rfc9440_lines
 from proxy.identity import Identity
 
 IDENTITY = Identity(

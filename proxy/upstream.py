@@ -19,7 +19,7 @@ import socket
 import ssl
 from typing import TYPE_CHECKING, Protocol
 
-from . import http1
+from .wire import chunked, http1
 from .config import UpstreamConfig
 from .deadline import Deadline
 from .errors import (
@@ -33,7 +33,7 @@ from .errors import (
 from .transport import TLSTransport, handshake
 
 if TYPE_CHECKING:
-    from .http1 import ResponseHead
+    from .wire.http1 import ResponseHead
 
 ADDRESS_TTL = 30.0  # seconds a resolved upstream address list is reused for new connections
 MAX_INFORMATIONAL = 32  # 1xx responses tolerated before the final one (a 1xx storm is a protocol error)
@@ -63,7 +63,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._state = _IDLE
         self._no_body = False
         self._remaining = 0
-        self._decoder: http1.ChunkedDecoder | None = None
+        self._decoder: chunked.ChunkedDecoder | None = None
         self._until_close = False
         self._keep_alive = False
         self.reused = False
@@ -155,7 +155,7 @@ class UpstreamConnection(asyncio.Protocol):
         if no_body:
             pass
         elif resp.chunked:
-            self._decoder = http1.ChunkedDecoder(UpstreamProtocolError)
+            self._decoder = chunked.ChunkedDecoder(UpstreamProtocolError)
         elif resp.content_length is not None:
             self._remaining = resp.content_length
             no_body = self._remaining == 0

@@ -9,7 +9,7 @@ unless the path starts with the stage (``/prod``).  Under the stage:
 - ``*    /{stage}/...``         echoes ``method``, ``path`` (raw, with query), every received header (as a list of
                                 pairs, duplicates kept) and the body's length and sha256.
 
-``python -m proxy.demo_upstream --listen HOST:PORT --cert FILE --key FILE [--api-id ID] [--stage NAME]`` serves it
+``python -m proxy.dev.demo_upstream --listen HOST:PORT --cert FILE --key FILE [--api-id ID] [--stage NAME]`` serves it
 as a process until SIGTERM or SIGINT (the compose stack and the container test run it that way).
 
 Must not: be used as anything but a demo or test upstream.
@@ -123,7 +123,7 @@ async def serve(host: str, port: int, cert: str, key: str, api_id: str, stage: s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m proxy.demo_upstream",
+    p = argparse.ArgumentParser(prog="python -m proxy.dev.demo_upstream",
                                 description="A stand-in for a private API Gateway REST API (demo and tests only).")
     p.add_argument("--listen", type=_listen, default=("127.0.0.1", 9443), metavar="HOST:PORT",
                    help="address to listen on (default 127.0.0.1:9443)")

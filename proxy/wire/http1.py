@@ -1,7 +1,7 @@
 """HTTP/1.1 message framing, sans-IO (RFC 9110, RFC 9112).
 
-Owns: finding and parsing request and response heads, deciding body framing, the chunked decoder, and the
-removal of hop-by-hop headers.  Parsers take bytes and return values or raise a ``ProxyError`` subclass carrying
+Owns: finding and parsing request and response heads, deciding body framing, and the removal of hop-by-hop
+headers.  The chunked coding itself is ``proxy.wire.chunked``'s.  Parsers take bytes and return values or raise a ``ProxyError`` subclass carrying
 the status (400, 414, 431, 501, 505 for requests; ``UpstreamProtocolError`` for responses).
 
 Why our own parser and not aiohttp's: the proxy must forward the request target and most header lines
@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from typing import NoReturn
 
-from .errors import (
+from ..errors import (
     BadRequest,
     ExpectationFailed,
     HeadersTooLarge,
@@ -27,22 +27,17 @@ from .errors import (
     UriTooLong,
     VersionNotSupported,
 )
+from .grammar import HEADER_BLOCK as _HEADER_BLOCK
+from .grammar import TCHAR
+from .grammar import TOKEN as _TOKEN
 
 MAX_REQUEST_LINE = 8 * 1024
 MAX_HEAD = 64 * 1024
 MAX_HEADERS = 100
-MAX_CHUNK_LINE = 4 * 1024  # chunk-size line with extensions
-MAX_TRAILERS = 16 * 1024
 
 # RFC 9110 §5.1/§5.5: field-name = token; field-value = visible ASCII, SP, HTAB and obs-text.  Each line must
 # end in CRLF, so a bare LF, a CR inside a value, a NUL, whitespace before the colon (token chars exclude it) and
 # obs-fold (a line starting with SP/HTAB is not a token) all fail this one match.
-_HEADER_BLOCK = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
-_CHUNK_EXT = re.compile(rb"(?:[ \t]*;[ \t]*[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-                        rb"(?:[ \t]*=[ \t]*(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+|\"(?:[\t\x20!\x23-\x5b\x5d-\x7e\x80-\xff]"
-                        rb"|\\[\t\x20-\x7e\x80-\xff])*\"))?)*")
 _LEADING_CRLF = re.compile(rb"(?:\r\n)*")
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?\r\n")
 
@@ -294,7 +289,7 @@ def parse_request_head(head: bytes, drop: frozenset[bytes] = frozenset()) -> Req
 
 
 # request-line = method SP request-target SP HTTP-version CRLF (RFC 9112 §3), origin-form targets only.
-_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (/[!\"$-~]*) HTTP/1\.([01])\r\n")
+_REQUEST_LINE = re.compile(rb"(" + TCHAR + rb"+) (/[!\"$-~]*) HTTP/1\.([01])\r\n")
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
 
 
@@ -396,106 +391,3 @@ def _named_fields(tokens: list[bytes]) -> set[bytes] | None:
         if t not in _CONNECTION_OPTIONS:
             return {t for t in tokens if t not in _CONNECTION_OPTIONS}
     return None
-
-
-class ChunkedDecoder:
-    """Incremental, strict chunked transfer-coding decoder (RFC 9112 §7.1).
-
-    ``feed(data)`` returns the body pieces found and, once the last chunk and trailer section are complete,
-    the bytes after them (else None).  Trailer fields are validated and discarded.  ``error`` is the exception
-    class raised for malformed input (BadRequest for requests, UpstreamProtocolError for responses).
-    """
-
-    __slots__ = ("_state", "_remaining", "_line", "_trailers", "_error", "total")
-
-    _SIZE, _DATA, _DATA_CRLF, _TRAILER, _DONE = range(5)
-
-    def __init__(self, error: type[Exception] = BadRequest) -> None:
-        self._state = self._SIZE
-        self._remaining = 0
-        self._line = b""
-        self._trailers = 0
-        self._error = error
-        self.total = 0
-
-    def feed(self, data: bytes) -> tuple[list[bytes], bytes | None]:
-        pieces: list[bytes] = []
-        pos = 0
-        n = len(data)
-        while pos < n:
-            state = self._state
-            if state == self._DATA:
-                take = min(self._remaining, n - pos)
-                pieces.append(data[pos:pos + take] if (pos or take != n) else data)
-                pos += take
-                self._remaining -= take
-                if self._remaining == 0:
-                    self._state = self._DATA_CRLF
-            elif state == self._DATA_CRLF:
-                need = 2 - len(self._line)
-                self._line += data[pos:pos + need]
-                pos += need
-                if len(self._line) == 2:
-                    if self._line != b"\r\n":
-                        raise self._error("chunk data not followed by CRLF")
-                    self._line = b""
-                    self._state = self._SIZE
-            elif state in (self._SIZE, self._TRAILER):
-                end = data.find(b"\n", pos)
-                if end < 0:
-                    self._line += data[pos:]
-                    pos = n
-                    limit = MAX_CHUNK_LINE if state == self._SIZE else MAX_TRAILERS
-                    if len(self._line) > limit:
-                        raise self._error("chunk line too long")
-                    break
-                line = self._line + data[pos:end + 1]
-                pos = end + 1
-                self._line = b""
-                if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
-                    raise self._error("bare LF or CR in chunked framing")
-                line = line[:-2]
-                if state == self._SIZE:
-                    self._size_line(line)
-                else:
-                    self._trailer_line(line)
-                    if self._state == self._DONE:
-                        return pieces, data[pos:]
-            else:  # _DONE: never fed again by callers
-                return pieces, data[pos:]
-        return pieces, (b"" if self._state == self._DONE else None)
-
-    def _size_line(self, line: bytes) -> None:
-        if len(line) > MAX_CHUNK_LINE:  # also when the whole line came in one read, not only when buffered
-            raise self._error("chunk line too long")
-        semi = line.find(b";")
-        size_b, ext = (line, b"") if semi < 0 else (line[:semi].rstrip(b" \t"), line[semi:])
-        if _CHUNK_SIZE.fullmatch(size_b) is None:
-            raise self._error("invalid chunk size")
-        if ext and _CHUNK_EXT.fullmatch(ext) is None:
-            raise self._error("invalid chunk extension")
-        size = int(size_b, 16)
-        self.total += size
-        if size == 0:
-            self._state = self._TRAILER
-        else:
-            self._remaining = size
-            self._state = self._DATA
-
-    def _trailer_line(self, line: bytes) -> None:
-        if not line:
-            self._state = self._DONE
-            return
-        self._trailers += len(line) + 2
-        if self._trailers > MAX_TRAILERS:
-            raise self._error("trailer section too large")
-        if _HEADER_BLOCK.fullmatch(line + b"\r\n") is None:
-            raise self._error("malformed trailer field")
-
-
-def chunk(data: bytes) -> tuple[bytes, bytes, bytes]:
-    """The three pieces that frame ``data`` as one chunk (for ``transport.writelines``)."""
-    return (b"%x\r\n" % len(data), data, b"\r\n")
-
-
-LAST_CHUNK = b"0\r\n\r\n"

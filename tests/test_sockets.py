@@ -1,4 +1,4 @@
-"""transport.Lingerer: lingering closes are bounded in number; beyond the limit a socket is reset at once.
+"""proxy.sockets.Lingerer: lingering closes are bounded in number; beyond the limit a socket is reset at once.
 
 Plain TCP on loopback (the lingerer only shuts down the sending side and reads what still arrives; TLS plays no
 part in that), on both event loops.
@@ -12,7 +12,7 @@ import socket
 import pytest
 import uvloop
 
-from proxy.transport import Lingerer
+from proxy.sockets import Lingerer
 
 
 @pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"])

@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from . import config as config_mod
+from .. import config as config_mod
 from . import demo_upstream
 from .devpki import init_dev_pki
-from .server import run
+from ..server import run
 
 DEMO_TOML = """\
 # Written by `mtls-proxy demo`: the proxy in front of the built-in demo API (development only).

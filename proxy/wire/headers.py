@@ -2,13 +2,13 @@
 
 Owns: the list of identity headers a client must never be able to set (removed from every request before the
 proxy adds its own), the per-connection block of identity and forwarding headers (with the RFC 8705 thumbprint and,
-when configured, the RFC 9440 lines ``proxy.client_cert`` formats), and assembling request and response heads from
+when configured, the RFC 9440 lines ``proxy.wire.client_cert`` formats), and assembling request and response heads from
 the parser's raw lines.
 
 Per-connection work happens once: ``connection_block`` is built when the TLS handshake completes and reused for
 every request on that connection; per request only the request line and the kept lines are joined.
 
-Must not: parse (that is ``proxy.http1``), decide policy, or format values that were not made header-safe by
+Must not: parse (that is ``proxy.wire.http1``), decide policy, or format values that were not made header-safe by
 ``proxy.identity`` (identity values) or validated by the config / PROXY parser (API id, VPC endpoint id).
 """
 
