@@ -193,8 +193,8 @@ class ClientConnection(Exchange, asyncio.Protocol):
         if req.content_length is not None and req.content_length > cfg.server.max_body_bytes:
             self._refuse(PayloadTooLarge(f"request body larger than {cfg.server.max_body_bytes} bytes"), close=True)
             return
-        # Byte-exact (issue 2 §4) unless dot segments were removed: then the upstream gets the path the policy
-        # matched (§3).  Decoded %XX of unreserved characters alone is no reason to rewrite (RFC 3986 §6.2.2.2).
+        # Byte-exact (the upstream sees what the client sent) unless dot segments were removed: then the upstream
+        # gets the path the policy matched, so a rule can never be bypassed with '..'.  Decoded %XX of unreserved characters alone is no reason to rewrite (RFC 3986 §6.2.2.2).
         target = (req.target if path is req.path or not has_dot_segment(req.path)
                   else path.encode("ascii") + req.query)
         if shared.base_path:

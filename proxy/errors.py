@@ -2,8 +2,8 @@
 
 Owns: one small hierarchy of exceptions that carry the HTTP status and a stable machine code, plus the
 configuration errors that name the offending key.  Library exceptions (ssl, OSError, cryptography) are
-translated into these where the library is called; ``proxy.connection`` is the single place that turns a
-``ProxyError`` into a response.
+translated into these where the library is called; ``proxy.wire.responses.error_response`` is the single place
+that turns a ``ProxyError`` into response bytes (called from ``Exchange._refuse`` in ``proxy.exchange``).
 
 Must not: format responses, log, or know about connections.
 """

@@ -1,19 +1,20 @@
 """Wiring and lifecycle of one proxy process: start, ready, reload, drain.
 
-Owns: the ``ProxyServer`` that holds what connections share (config, current runtime snapshot, upstream pool,
-metrics, access log, partner state (certificates seen, rate-limit buckets: ``proxy.partners``), live connections),
-and ``run()``, the one function where the lifecycle reads top to
-bottom: start -> ready -> (reload on SIGHUP or file change)* -> SIGTERM/SIGINT -> drain -> exit.
+Owns: the ``ProxyServer``, which builds the ``ServerState`` connections share (``proxy.state``: config, current
+runtime snapshot, upstream pool, metrics, access log, partner state, live connections) and swaps what changes in it,
+and ``run()``, the one function where the lifecycle reads top to bottom: start -> ready -> (reload on SIGHUP or file
+change)* -> SIGTERM/SIGINT -> drain -> exit.
 
-Reload (house rule 6): the config file and PEM files are re-read off the event loop into a new ``Runtime``;
-one assignment swaps it in; new handshakes use it, live connections keep theirs; on any error the old snapshot
-stays, one line is logged and ``reloads_total{result="error"}`` counts it.  Only the allow rules and PEM material
-are reloadable; other changed keys are logged as needing a restart.
+Reload: the config file and PEM files are re-read off the event loop into a new ``Runtime``; one assignment swaps it
+in; new handshakes use it, live connections keep theirs; on any error the old snapshot stays, one line is logged and
+``reloads_total{result="error"}`` counts it. Only the allow rules and PEM material are reloadable; other changed
+keys are logged as needing a restart.
 
-Drain: ``/readyz`` turns 503 first, then the listener closes, idle keep-alive connections close, in-flight
-exchanges finish with ``Connection: close`` until ``shutdown_timeout``, then the rest are reset.
+Drain: ``/readyz`` turns 503 first, then the listener closes, idle keep-alive connections close, in-flight exchanges
+finish with ``Connection: close`` until ``shutdown_timeout``, then the rest are reset.
 
-Must not: install signal handlers anywhere but ``run()``; handlers only set events (house rule 7).
+Must not: install signal handlers anywhere but ``run()``; handlers only set events, so the lifecycle's order is
+decided in one place and a signal can never run code in the middle of an exchange.
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""Adversarial suite (issue 6): hostile clients, failing upstreams, load and fuzzing against the real process."""
+"""Adversarial suite: hostile clients, failing upstreams, load and fuzzing against the real process."""

@@ -1,4 +1,4 @@
-"""Fixtures and the figures plugin of the adversarial suite (tests/adversarial/, issue 6).
+"""Fixtures and the figures plugin of the adversarial suite (tests/adversarial/).
 
 Owns: counting every adversarial test's outcome per category, the ``figures`` fixture that load tests record their
 measurements into, printing the summary table at the end of the session (and writing it as JSON to

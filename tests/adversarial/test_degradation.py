@@ -1,4 +1,4 @@
-"""Graceful degradation of the real proxy process (issue 6): over the connection limit, and with the upstream down.
+"""Graceful degradation of the real proxy process: over the connection limit, and with the upstream down.
 
 Owns:
 * beyond ``max_connections``: with every slot held by clients that keep sending requests, 200 more connections are

@@ -1,4 +1,4 @@
-"""Load and soak against the real proxy process (issue 6): zero errors, flat memory, descriptors back to baseline.
+"""Load and soak against the real proxy process: zero errors, flat memory, descriptors back to baseline.
 
 Owns: N concurrent clients (``ADVERSARIAL_SOAK_CLIENTS``, default 150; the issue's soak is 500), each on its own TLS
 connection with a client certificate, mixed request and response sizes, for ``ADVERSARIAL_SOAK_SECONDS`` (default

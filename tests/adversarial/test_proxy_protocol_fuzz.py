@@ -1,4 +1,4 @@
-"""The coverage-guided fuzz target of the PROXY v2 parser, run by atheris for a bounded time (issue 6).
+"""The coverage-guided fuzz target of the PROXY v2 parser, run by atheris for a bounded time.
 
 Owns: running tests/fuzz/fuzz_proxy_protocol.py (its oracle: only ``ProxyProtocolError`` with a known reason,
 ``parse`` and ``remaining_length`` agree, accepted headers re-encode byte for byte and stop being accepted with one

@@ -1,4 +1,4 @@
-"""Regression tests for the bugs the adversarial suite found (issue 6), each against the real proxy process.
+"""Regression tests for the bugs the adversarial suite found, each against the real proxy process.
 
 Owns one focused test per bug, beyond the table cases that first showed it:
 

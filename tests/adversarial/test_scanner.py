@@ -1,4 +1,4 @@
-"""A TLS scanner's view of the real proxy process: sslyze, with and without a client certificate (issue 6).
+"""A TLS scanner's view of the real proxy process: sslyze, with and without a client certificate.
 
 Owns: running ``sslyze`` against the proxy twice and asserting what an auditor would check -- client authentication
 REQUIRED, only TLS 1.2 and 1.3 accepted, no CBC/3DES/RC4/NULL/EXPORT/anonymous suites with the default ciphers, no

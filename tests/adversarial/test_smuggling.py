@@ -1,4 +1,4 @@
-"""Request smuggling and desync against the real proxy process, with raw bytes over real TLS (issue 6).
+"""Request smuggling and desync against the real proxy process, with raw bytes over real TLS.
 
 Owns: one table of hostile request framings -- CL+TE, TE+CL, duplicate Content-Length, obs-fold, odd
 Transfer-Encoding values and spellings, chunk-size oddities, bare LF, whitespace before the colon, NUL and control

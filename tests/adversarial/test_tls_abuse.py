@@ -1,4 +1,4 @@
-"""TLS abuse against the real proxy process (issue 6): garbage handshakes, hostile certificates, resets everywhere.
+"""TLS abuse against the real proxy process: garbage handshakes, hostile certificates, resets everywhere.
 
 Owns the gaps tests/e2e/test_tls_auth.py (bad certificate classes, legacy versions, CBC, renegotiation) and
 tests/e2e/test_limits.py (handshake and header timeouts) leave:
