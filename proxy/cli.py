@@ -136,7 +136,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
     if errors:
         return 1
-    print(f"ok: {args.config or '<environment>'} is valid ({len(warnings)} warning(s))")
+    print(f"ok: {args.config or config_mod.ENVIRONMENT} is valid ({len(warnings)} warning(s))")
     return 0
 
 

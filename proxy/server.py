@@ -32,7 +32,7 @@ from typing import Any
 from . import config as config_mod
 from .accesslog import AccessLog
 from .admin import AdminServer
-from .config import Config
+from .config import DEFAULTS, ENVIRONMENT, Config
 from .emf_output import EmfOutput
 from .errors import ConfigErrors
 from .upstream import UpstreamPool
@@ -173,8 +173,8 @@ class ProxyServer:
         cfg = self.cfg
         # An environment-only config is read again only for its allow_from document (the process's environment
         # itself never changes).
-        if cfg.source != "<defaults>" and (cfg.source != "<environment>" or cfg.allow_from is not None):
-            fresh = config_mod.load(None if cfg.source == "<environment>" else cfg.source)
+        if cfg.source != DEFAULTS and (cfg.source != ENVIRONMENT or cfg.allow_from is not None):
+            fresh = config_mod.load(None if cfg.source == ENVIRONMENT else cfg.source)
             changed = _unreloadable_changes(cfg, fresh)
             if changed:
                 log.warning("config changes need a restart to apply: %s", ", ".join(changed))
@@ -312,7 +312,7 @@ def _pem_only(data: bytes) -> None:
 
 
 def _rules_document(data: bytes) -> None:
-    from .config.loader import parse_rules_document
+    from .config.rules import parse_rules_document
 
     parse_rules_document(data)  # the rules themselves are checked by the reload, which keeps the old on failure
 

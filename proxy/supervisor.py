@@ -33,7 +33,7 @@ from typing import Any
 from .accesslog import AccessLog
 from .admin import AdminServer
 from .cert_tracker import CertTable, Feed
-from .config import Config
+from .config import DEFAULTS, ENVIRONMENT, Config
 from .emf_output import EmfOutput
 from .sockets import bind
 from .metrics import Metrics, Snapshot
@@ -307,7 +307,7 @@ def _fmt(addr: tuple[str, int]) -> str:
 def supervise(cfg: Config, loop: str = "auto") -> int:
     """Run the supervisor (on the event loop ``loop`` names, as ``serve --loop``; its workers get the same)."""
     argv = [sys.executable, "-m", "proxy", "serve", "--loop", loop]
-    if cfg.source not in ("<environment>", "<defaults>"):
+    if cfg.source not in (ENVIRONMENT, DEFAULTS):
         argv += ["--config", cfg.source]
     if loop != "asyncio":
         try:

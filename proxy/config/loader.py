@@ -31,6 +31,7 @@ from typing import Any
 from .. import cpus
 from ..errors import ConfigError, ConfigErrors
 from ..sources import location
+from . import rules as rules_doc
 from . import values
 from .model import (
     DEFAULTS,
@@ -277,7 +278,7 @@ def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None 
         if rules_raw is not None:
             c.add("allow_from", f"{rules_key} rules and allow_from together: give the rules in one place")
         else:
-            rules_raw, rules_key = read_rules_document(allow_from, environ, c), "allow_from.allow"
+            rules_raw, rules_key = rules_doc.read_rules_document(allow_from, environ, c), "allow_from.allow"
 
     for section, keys in _REQUIRED.items():
         for key in keys:
@@ -292,49 +293,6 @@ def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None 
     if c.errors or cfg is None:
         raise ConfigErrors(c.errors)
     return cfg
-
-
-def parse_rules_document(data: bytes) -> list[Any]:
-    """The raw rule list of an ``allow_from`` document: JSON (a list of rule objects, or ``{"allow": [...]}``) or
-    TOML (``[[allow]]`` tables and nothing else).  ValueError with a one-line reason."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ValueError("not UTF-8 text") from None
-    # JSON: an object, or a list of objects (or empty); anything else is TOML (``[[allow]]`` also starts with "[").
-    if re.match(r"\s*(\{|\[\s*[{\]])", text):
-        try:
-            doc: Any = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"invalid JSON: {exc.msg} (line {exc.lineno})") from None
-    else:
-        try:
-            doc = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"invalid TOML: {exc}") from None
-    if isinstance(doc, dict):
-        extra = sorted(set(doc) - {"allow"})
-        if extra:
-            raise ValueError(f"unknown key {extra[0]!r} (a rules document holds only [[allow]] rules)")
-        doc = doc.get("allow", [])
-    if not isinstance(doc, list):
-        raise ValueError("expected a list of rules ([[allow]] tables)")
-    return doc
-
-
-def read_rules_document(src: PemSource, environ: Mapping[str, str], c: _Collector) -> list[Any] | None:
-    """Read the ``allow_from`` document once (remote kinds through ``proxy.sources``; boto3 only for AWS)."""
-    from ..sources.material import Material
-
-    material = Material({"allow_from": src.location}, environ=environ)
-    try:
-        material.load()
-        return parse_rules_document(material["allow_from"])
-    except ConfigErrors as exc:
-        c.errors.extend(exc.errors)
-    except ValueError as exc:
-        c.add("allow_from", f"{src}: {exc}")
-    return None
 
 
 def _rules(raw: Any, base_dir: Path | None, c: _Collector, where: str) -> tuple[AllowRule, ...]:
@@ -402,8 +360,8 @@ def _build(values: dict[str, dict[str, Any]], top: dict[str, Any], rules: tuple[
     allow_all = top.get("allow_all_verified", False)
     names: set[str] = set()
     for i, rule in enumerate(rules):
-        _check_rule(c, f"{rules_key}[{i}]", rule, names, server.proxy_protocol)
-        _check_limit(c, f"{rules_key}[{i}]", rule)
+        rules_doc.check_rule(c, f"{rules_key}[{i}]", rule, names, server.proxy_protocol)
+        rules_doc.check_limit(c, f"{rules_key}[{i}]", rule)
     # Rules that were given but are broken already have their lines; "no rules" would be a second one.
     broken = any(e.key.split("[")[0] in (rules_key, f"{ENV_PREFIX}ALLOW", "allow_from") for e in c.errors)
     if not rules and not allow_all and not broken:
@@ -419,22 +377,6 @@ def _build(values: dict[str, dict[str, Any]], top: dict[str, Any], rules: tuple[
     return Config(server=server, upstream=upstream, admin=admin, log=log, metrics=metrics,
                   identity=IdentityConfig(**values["identity"]), allow=rules,
                   allow_all_verified=allow_all, allow_from=allow_from, source=source, watched_files=watched)
-
-
-MAX_RATE = 1e6  # requests per second: beyond this a limit is no limit (the bucket works in whole nanoseconds)
-MAX_BURST = 10**6
-
-
-def _check_limit(c: _Collector, where: str, rule: AllowRule) -> None:
-    if rule.rate_limit is None:
-        if rule.burst is not None:
-            c.add(f"{where}.burst", "needs rate_limit in the same rule (burst is how many requests may come at once)")
-        return
-    if not 0 < rule.rate_limit <= MAX_RATE:  # also false for NaN
-        c.add(f"{where}.rate_limit", f"must be more than 0 and at most {MAX_RATE:g} requests per second, "
-                                     f"got {rule.rate_limit:g}")
-    if rule.burst is not None and not 1 <= rule.burst <= MAX_BURST:
-        c.add(f"{where}.burst", f"must be between 1 and {MAX_BURST}, got {rule.burst}")
 
 
 def _build_upstream(u: dict[str, Any], c: _Collector) -> UpstreamConfig | None:
@@ -462,23 +404,3 @@ def _build_metrics(m: dict[str, Any], c: _Collector) -> MetricsConfig:
         c.add("metrics.namespace", problem)
     _check_range(c, "metrics.interval", metrics.interval, 0.1, 3600)
     return metrics
-
-
-def _check_rule(c: _Collector, key: str, rule: AllowRule, names: set[str], proxy_protocol: bool) -> None:
-    """Everything the policy would refuse, each under its own key (the policy compiles with the same checks)."""
-    problem = values.check_rule_name(rule.name)
-    if problem is not None:
-        c.add(f"{key}.name", problem)
-    elif rule.name in names:
-        c.add(f"{key}.name", f"duplicate rule name {rule.name!r}")
-    names.add(rule.name)
-    problem = values.missing_identity({f: getattr(rule, f) for f in values.IDENTITY_FIELDS})
-    if problem is not None:
-        c.add(key, problem)
-    if rule.source_vpce and not proxy_protocol:
-        c.add(f"{key}.source_vpce", "needs server.proxy_protocol = true (the id arrives in PROXY v2)")
-    for name, check in values.RULE_FIELDS.items():
-        for j, value in enumerate(getattr(rule, name)):
-            problem = "must not be empty" if not value else check(value)[0]
-            if problem is not None:
-                c.add(f"{key}.{name}[{j}]", problem)
