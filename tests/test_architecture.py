@@ -9,6 +9,7 @@ still means two modules cannot be understood apart).  ``docs/architecture.md`` d
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -225,3 +226,13 @@ def test_every_module_has_its_own_test_file(name: str) -> None:
         assert (ROOT / elsewhere).is_file(), f"{elsewhere} (named for {short}) does not exist"
         return
     assert _expected_test_file(name).is_file(), f"{short}: no {_expected_test_file(name).relative_to(ROOT)}"
+
+
+def test_docs_name_only_modules_that_exist_and_the_layers_table_names_them_all() -> None:
+    readme, arch = (ROOT / "README.md").read_text(), (ROOT / "docs" / "architecture.md").read_text()
+    named = set(re.findall(r"`(proxy/[a-z0-9_/]+(?:\.py)?)`", readme + arch))
+    assert named and {p for p in named if not (ROOT / p).exists()} == set()
+    layers_table = arch[arch.index("## Layers"):]
+    cells = set(re.findall(r"`([a-z0-9_/]+)`", layers_table))
+    expected = {_short(m).replace(".", "/") for m in MODULES if MODULES[m].name != "__init__.py"}
+    assert expected - cells == set(), "docs/architecture.md's layers table misses modules"
