@@ -29,6 +29,7 @@ import ssl
 from collections.abc import Iterable
 from typing import Any
 
+from .openssl import sslobj_handshake
 from .sockets import Lingerer, abort_socket
 from .tls import pending_function
 
@@ -47,10 +48,11 @@ async def handshake(loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, timeou
     Raises ``ssl.SSLError`` (OpenSSL has already sent the alert), ``TimeoutError`` or ``OSError``.
     """
     fd = sock.fileno()
+    step = sslobj_handshake(sock)
     async with asyncio.timeout(timeout):
         while True:
             try:
-                sock.do_handshake()
+                step()
                 return
             except ssl.SSLWantReadError:
                 await _ready(loop, fd, loop.add_reader, loop.remove_reader)
