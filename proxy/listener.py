@@ -21,12 +21,14 @@ import errno
 import logging
 import socket
 import ssl
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .wire import proxy_protocol as pp
 from .connection import ClientConnection
 from .identity import IdentityError
 from .slots import Slot
+from .openssl import sslobj_handshake
 from .tls import handshake_failure_detail, handshake_failure_reason, peer_chains
 from .sockets import abort_socket
 from .transport import TLSTransport
@@ -112,7 +114,7 @@ class Incoming:
     """
 
     __slots__ = ("lst", "shared", "loop", "sock", "fd", "peer_addr", "client_addr", "vpce_id", "local", "buf", "need",
-                 "tls", "timer", "writer", "done", "rt", "slot")
+                 "tls", "timer", "writer", "done", "rt", "slot", "do_handshake")
 
     def __init__(self, lst: Listener, conn: socket.socket, peer_addr: str, slot: Slot) -> None:
         # Only attribute assignments: every state _close() may see is set before anything can fail.
@@ -132,6 +134,7 @@ class Incoming:
         self.writer = False
         self.done = False
         self.rt = None
+        self.do_handshake: Callable[[], None] | None = None  # one handshake step, once TLS has started
 
     def start(self) -> None:
         cfg = self.shared.cfg.server
@@ -233,12 +236,13 @@ class Incoming:
             self._close(reset=True)
             return
         self.rt = rt
+        self.do_handshake = sslobj_handshake(self.sock)  # type: ignore[arg-type]
         self.timer = self.loop.call_later(shared.cfg.server.handshake_timeout, self._timeout)
 
     def _handshake(self) -> None:
-        sock: ssl.SSLSocket = self.sock  # type: ignore[assignment]
+        assert self.do_handshake is not None  # set by _start_tls, which ends the connection when it cannot
         try:
-            sock.do_handshake()
+            self.do_handshake()
         except ssl.SSLWantReadError:
             if self.writer:
                 self.writer = False

@@ -9,15 +9,15 @@ start-up log line and ``check`` report.
 Why ctypes at all: Python's ``ssl`` has no ``set_verify_depth`` (OpenSSL's default of 100 would accept arbitrarily
 long client chains), no way to name the acceptable client CAs in the CertificateRequest (Java's key manager,
 SChannel, browsers and Go pick the client certificate from that list), no client signature algorithm list, no
-read-ahead switch and no ``SSL_has_pending``.
+read-ahead switch, no ``SSL_has_pending`` and no way to size the server's session cache.
 
 Two kinds of capability:
 
 * **security** (``verify_depth``, ``client_ca_names``, ``client_sigalgs``): without it the proxy would run with a weaker check than configured, so the
   function raises ``Unavailable`` and the caller refuses to start, naming the config key.
-* **fast path** (``read_ahead``, ``has_pending``, ``sslobj_io``): without it the proxy does more work but stays
-  correct.  Each function answers False/None when it cannot prove what it would touch, and the caller takes the
-  slow path; nothing is assumed.
+* **fast path** (``read_ahead``, ``has_pending``, ``sslobj_io``, ``session_cache``): without it the proxy does more
+  work (or, for ``session_cache``, may keep more sessions in memory) but stays correct.  Each function answers
+  False/None when it cannot prove what it would touch, and the caller takes the slow path; nothing is assumed.
 
 Pointer proofs (a pointer is read from CPython's object layout, which is private): an ``SSL_CTX*`` must report the
 same options and verify mode that Python reports for that context; an ``SSL*`` must belong to the proven
@@ -37,9 +37,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CAPABILITIES", "Capability", "Unavailable", "client_ca_names_count", "enable_read_ahead", "fast_paths",
-           "libssl_path", "pending_function", "probe", "read_ahead_enabled", "set_client_ca_names",
-           "set_client_sigalgs", "set_verify_depth", "sslobj_io"]
+__all__ = ["CAPABILITIES", "SESSION_CACHE_SIZE", "Capability", "Unavailable", "client_ca_names_count",
+           "enable_read_ahead", "fast_paths", "libssl_path", "pending_function", "probe", "read_ahead_enabled",
+           "session_cache_size", "set_client_ca_names", "set_client_sigalgs", "set_session_cache_size",
+           "set_verify_depth", "sslobj_handshake", "sslobj_io"]
 
 
 class Unavailable(OSError):
@@ -70,6 +71,8 @@ _PROTOTYPES: dict[str, tuple[list[Any], Any]] = {
 # ssl.h control codes (SSL_CTX_get_read_ahead / SSL_CTX_set_read_ahead are macros over SSL_CTX_ctrl).
 _SSL_CTRL_GET_READ_AHEAD = 40
 _SSL_CTRL_SET_READ_AHEAD = 41
+_SSL_CTRL_SET_SESS_CACHE_SIZE = 42  # SSL_CTX_sess_set_cache_size
+_SSL_CTRL_GET_SESS_CACHE_SIZE = 43  # SSL_CTX_sess_get_cache_size
 _SSL_CTRL_SET_CLIENT_SIGALGS_LIST = 102  # SSL_CTX_set1_client_sigalgs_list
 # What CPython's _ssl sets for each verify mode (Modules/_ssl.c, _set_verify_mode): SSL_VERIFY_PEER = 1,
 # SSL_VERIFY_FAIL_IF_NO_PEER_CERT = 2.
@@ -278,6 +281,30 @@ def read_ahead_enabled(ctx: ssl.SSLContext) -> bool:
         return False
 
 
+# Sessions the server keeps for resumption, per context (so per worker and per reload).  A session with a client
+# certificate holds the certificate and the chain it sent, a few KB; OpenSSL's default of 20480 would let one
+# worker grow by tens of MB, while 256 still resumes every partner connection of a typical deployment.
+SESSION_CACHE_SIZE = 256
+
+
+def set_session_cache_size(ctx: ssl.SSLContext, size: int = SESSION_CACHE_SIZE) -> None:
+    """At most ``size`` sessions in the context's server-side session cache (``SSL_CTX_sess_set_cache_size``; the
+    oldest are dropped first), read back; Unavailable if it cannot be done (then OpenSSL's default stands)."""
+    ptr = _proven_ctx(ctx)
+    ctrl = _fn("SSL_CTX_ctrl")
+    ctrl(ptr, _SSL_CTRL_SET_SESS_CACHE_SIZE, size, None)
+    if ctrl(ptr, _SSL_CTRL_GET_SESS_CACHE_SIZE, 0, None) != size:  # pragma: no cover - a proven SSL_CTX takes it
+        raise Unavailable("SSL_CTX_sess_set_cache_size did not take effect")
+
+
+def session_cache_size(ctx: ssl.SSLContext) -> int | None:
+    """The context's session cache limit (``SSL_CTX_sess_get_cache_size``), or None when it cannot be proven."""
+    try:
+        return int(_fn("SSL_CTX_ctrl")(_proven_ctx(ctx), _SSL_CTRL_GET_SESS_CACHE_SIZE, 0, None))
+    except Unavailable:
+        return None
+
+
 def pending_function(sock: ssl.SSLSocket | ssl.SSLObject) -> Callable[[], int] | None:
     """``SSL_has_pending`` bound to this connection (decrypted *or* still-encrypted buffered bytes), or None when
     its SSL* cannot be proven (then the caller must not rely on readiness alone: it tries a read instead)."""
@@ -303,6 +330,15 @@ def sslobj_io(sock: ssl.SSLSocket) -> tuple[Callable[[int], bytes], Callable[[An
     if not callable(read) or not callable(write):
         return None
     return read, write
+
+
+def sslobj_handshake(sock: ssl.SSLSocket) -> Callable[[], None]:
+    """The C-level ``do_handshake`` behind an SSLSocket, else ``sock.do_handshake``.  ``SSLSocket.do_handshake``
+    adds a connected check and a ``gettimeout``/``settimeout`` pair around every step, which change nothing for a
+    connected non-blocking socket (the ``settimeout(0.0)`` it restores is a system call each time)."""
+    tls = getattr(sock, "_sslobj", None)
+    fn = getattr(tls, "do_handshake", None)
+    return fn if callable(fn) else sock.do_handshake
 
 
 # --- the table -------------------------------------------------------------------------------------------------
@@ -354,7 +390,12 @@ def _probe_has_pending() -> bool:
 
 def _probe_sslobj_io() -> bool:
     tls = getattr(_probe_tls_object(), "_sslobj", None)
-    return callable(getattr(tls, "read", None)) and callable(getattr(tls, "write", None))
+    return all(callable(getattr(tls, name, None)) for name in ("read", "write", "do_handshake"))
+
+
+def _probe_session_cache() -> bool:
+    set_session_cache_size(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    return True
 
 
 CAPABILITIES: tuple[Capability, ...] = (
@@ -368,8 +409,11 @@ CAPABILITIES: tuple[Capability, ...] = (
                "two read() calls per record", _probe_read_ahead),
     Capability("has_pending", False, "SSL_has_pending: records buffered inside OpenSSL are seen without a read",
                "one extra read attempt whenever reading resumes", _probe_has_pending),
-    Capability("sslobj_io", False, "the C-level read/write of the SSL object, without SSLSocket's Python checks",
-               "SSLSocket.recv/send", _probe_sslobj_io),
+    Capability("sslobj_io", False, "the C-level read/write/do_handshake of the SSL object, without SSLSocket's "
+               "Python checks", "SSLSocket.recv/send/do_handshake", _probe_sslobj_io),
+    Capability("session_cache", False, f"SSL_CTX_sess_set_cache_size: at most {SESSION_CACHE_SIZE} sessions kept "
+               f"for resumption per worker", "OpenSSL's default cache of up to 20480 sessions per worker (more "
+               "memory)", _probe_session_cache),
 )
 
 
@@ -398,5 +442,7 @@ def fast_paths(server_ctx: ssl.SSLContext, upstream_ctx: ssl.SSLContext) -> dict
             sides = [side for side, ctx in (("server", server_ctx), ("upstream", upstream_ctx))
                      if not read_ahead_enabled(ctx)]
             reason = f"not set on the {' and '.join(sides)} context" if sides else None
+        if cap.name == "session_cache" and reason is None and session_cache_size(server_ctx) != SESSION_CACHE_SIZE:
+            reason = "not set on the server context"
         out[cap.name] = "on" if reason is None else f"off: {reason}; {cap.without}"
     return out

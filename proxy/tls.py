@@ -8,9 +8,13 @@ failed handshake by OpenSSL's own verify result.
 Must not: accept connections or keep state; a reload builds new contexts with ``build_server_context`` and the
 caller swaps them.
 
-Chain depth and read-ahead are set through ``proxy.openssl`` (Python's ``ssl`` has neither).  Without the depth
-limit OpenSSL would accept client chains up to 100 deep, so when it cannot be set the proxy refuses to start
-(``server.verify_depth``); read-ahead is a fast path and is simply off when it cannot be proven.
+Chain depth, read-ahead and the session cache size are set through ``proxy.openssl`` (Python's ``ssl`` has none of
+them).  Without the depth limit OpenSSL would accept client chains up to 100 deep, so when it cannot be set the
+proxy refuses to start (``server.verify_depth``); read-ahead and the session cache size are fast paths, left at
+OpenSSL's defaults when they cannot be proven.
+
+Session resumption: stateful only (``OP_NO_TICKET``; the cache holds ``openssl.SESSION_CACHE_SIZE`` sessions per
+context, so per worker), and a reload's new context starts with an empty cache.
 """
 
 from __future__ import annotations
@@ -144,7 +148,11 @@ def build_server_context(server: ServerConfig,
     versions = sorted(_VERSIONS[v] for v in server.tls_versions)
     ctx.minimum_version = versions[0]
     ctx.maximum_version = versions[-1]
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    # OP_NO_TICKET: resumption from the server's own session cache (a session ID; in TLS 1.3 a ticket that only
+    # names a cached session) instead of stateless tickets, which cost an encryption of the whole session
+    # (client certificate included) on every full handshake and a decryption on every resumption attempt.
+    ctx.options |= (ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
+                    | ssl.OP_NO_TICKET)
     try:
         ctx.set_ciphers(server.ciphers)
     except ssl.SSLError:
@@ -212,6 +220,13 @@ def build_server_context(server: ServerConfig,
         raise ConfigError("server.client_sigalgs", f"cannot set the client signature algorithms: {exc}") from None
 
     openssl.enable_read_ahead(ctx)
+    # The cache is this context's: a reload builds a new context, so its cache starts empty and no session made
+    # under the old client CAs or CRL is resumed.  When the size cannot be set, OpenSSL's larger default stands
+    # (more memory, same behaviour) and ``check`` says so.
+    try:
+        openssl.set_session_cache_size(ctx)
+    except openssl.Unavailable:
+        pass
     return ctx, facts
 
 

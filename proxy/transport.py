@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import ssl
 from collections.abc import Iterable
 from typing import Any
 
+from .openssl import sslobj_handshake
 from .sockets import Lingerer, abort_socket
 from .tls import pending_function
 
@@ -46,10 +48,11 @@ async def handshake(loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, timeou
     Raises ``ssl.SSLError`` (OpenSSL has already sent the alert), ``TimeoutError`` or ``OSError``.
     """
     fd = sock.fileno()
+    step = sslobj_handshake(sock)
     async with asyncio.timeout(timeout):
         while True:
             try:
-                sock.do_handshake()
+                step()
                 return
             except ssl.SSLWantReadError:
                 await _ready(loop, fd, loop.add_reader, loop.remove_reader)
@@ -80,7 +83,7 @@ class TLSTransport(asyncio.Transport):
 
     __slots__ = ("_loop", "_sock", "_fd", "_protocol", "_wbuf", "_wsize", "_high", "_low", "_closing",
                  "_closed", "_reading", "_writer_on", "_read_wants_write", "_protocol_paused", "_peer", "_recv",
-                 "_send", "_pending", "_lingerer", "_linger", "_at_eof")
+                 "_send", "_pending", "_lingerer", "_linger", "_at_eof", "_poll")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, protocol: asyncio.Protocol,
                  extra: dict[str, Any] | None = None, lingerer: Lingerer | None = None) -> None:
@@ -112,6 +115,11 @@ class TLSTransport(asyncio.Transport):
         # With read-ahead (tls.enable_read_ahead) whole records can wait inside OpenSSL where epoll cannot see
         # them: SSL_has_pending tells.  If it cannot be called, never stop reading before OpenSSL says WANT_READ.
         self._pending = pending_function(sock) or _always
+        # Whether the kernel holds more for this socket -- bytes, a FIN or an error -- without a read: one poll()
+        # with a zero timeout costs less than an SSL_read that ends in SSLWantReadError (a 32 KiB buffer allocated
+        # and freed, a recv() that returns EAGAIN, an exception object with its formatted message).
+        self._poll = select.poll()
+        self._poll.register(self._fd, select.POLLIN)
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -252,13 +260,19 @@ class TLSTransport(asyncio.Transport):
                 self._protocol_failed("data_received", exc)
                 return
             total += len(data)
-            # No early return after a small message: read on until WantRead.  uvloop (libuv) answers EPOLLERR -- a
-            # peer's reset arriving with or right behind the data -- by running this callback once and then
-            # silently dropping the watcher, so an error not read now is never seen and the connection hangs until
-            # a timeout.  The extra SSL_read costs one recv() that returns EAGAIN.
             if total >= READ_BUDGET:
                 if self._reading and not self._closed:
                     self._loop.call_soon(self._read_ready)  # fairness: let other connections run
+                return
+            # No early return just because a message was small: read on while OpenSSL holds buffered bytes
+            # (SSL_has_pending: with read-ahead whole records wait there, where epoll cannot see them) or the kernel
+            # reports the socket readable (more bytes, a FIN, or an error).  uvloop (libuv) answers EPOLLERR -- a
+            # peer's reset arriving with or right behind the data -- by running this callback once and then
+            # silently dropping the watcher, so an error not read now is never seen and the connection hangs until
+            # a timeout; poll() reports POLLERR and POLLHUP whatever was asked, so that error is still read here.
+            # Without SSL_has_pending, _pending is _always and the loop reads until SSLWantReadError as before.
+            # _reading first: a protocol that closed the transport has freed the SSL* that _pending points at.
+            if not self._reading or (not self._pending() and not self._poll.poll(0)):
                 return
 
     def _eof(self) -> None:

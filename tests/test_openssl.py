@@ -22,7 +22,7 @@ import pytest
 from proxy import openssl, tls
 from proxy.errors import ConfigError
 from tests.pki import Pki
-from tests.test_tls import openssl_verify_depth, server_cfg, upstream_cfg
+from tests.test_tls import openssl_session_cache_size, openssl_verify_depth, server_cfg, upstream_cfg
 
 
 @pytest.fixture
@@ -89,7 +89,8 @@ def test_every_capability_works_on_this_python() -> None:
 
 def test_the_capability_table() -> None:
     names = [cap.name for cap in openssl.CAPABILITIES]
-    assert names == ["verify_depth", "client_ca_names", "client_sigalgs", "read_ahead", "has_pending", "sslobj_io"]
+    assert names == ["verify_depth", "client_ca_names", "client_sigalgs", "read_ahead", "has_pending", "sslobj_io",
+                     "session_cache"]
     assert [cap.name for cap in openssl.CAPABILITIES if cap.security] == ["verify_depth", "client_ca_names",
                                                                           "client_sigalgs"]
     assert all(cap.does and cap.without for cap in openssl.CAPABILITIES)
@@ -173,12 +174,50 @@ def test_sslobj_io_only_for_sockets_that_report_truncation(pki: Pki) -> None:
 
 def test_fast_paths_of_the_proxys_own_contexts(pki: Pki) -> None:
     fast = openssl.fast_paths(server_context(pki), tls.build_upstream_context(upstream_cfg()))
-    assert fast == {"read_ahead": "on", "has_pending": "on", "sslobj_io": "on"}
+    assert fast == {"read_ahead": "on", "has_pending": "on", "sslobj_io": "on", "session_cache": "on"}
 
 
 def test_fast_paths_name_a_context_without_read_ahead_and_the_fallback(pki: Pki) -> None:
     fast = openssl.fast_paths(server_context(pki), ssl.create_default_context())
     assert fast["read_ahead"] == "off: not set on the upstream context; two read() calls per record"
+
+
+def test_session_cache_size_is_set_and_read_back() -> None:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    assert openssl.session_cache_size(ctx) == openssl_session_cache_size(ctx) == 1024 * 20  # OpenSSL's default
+    openssl.set_session_cache_size(ctx)
+    assert openssl_session_cache_size(ctx) == openssl.SESSION_CACHE_SIZE == 256
+    openssl.set_session_cache_size(ctx, 17)
+    assert openssl.session_cache_size(ctx) == openssl_session_cache_size(ctx) == 17
+
+
+def test_fast_paths_name_a_server_context_without_the_session_cache_limit(pki: Pki) -> None:
+    fast = openssl.fast_paths(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), tls.build_upstream_context(upstream_cfg()))
+    assert fast["session_cache"] == ("off: not set on the server context; OpenSSL's default cache of up to 20480 "
+                                     "sessions per worker (more memory)")
+
+
+def test_a_session_cache_that_cannot_be_sized_is_a_check_warning_not_a_failure(
+        monkeypatch: pytest.MonkeyPatch, pki: Pki) -> None:
+    def unavailable(ctx: ssl.SSLContext, size: int = 0) -> None:
+        raise openssl.Unavailable("SSL_CTX_ctrl is not exported by the libssl that _ssl uses")
+
+    monkeypatch.setattr(openssl, "set_session_cache_size", unavailable)
+    ctx = server_context(pki)  # still built: the limit is a fast path
+    assert openssl_session_cache_size(ctx) == 1024 * 20
+    assert openssl.probe()["session_cache"] is not None
+    fast = openssl.fast_paths(ctx, tls.build_upstream_context(upstream_cfg()))
+    assert fast["session_cache"].startswith("off: SSL_CTX_ctrl is not exported")
+
+
+def test_sslobj_handshake_is_the_c_level_step(pki: Pki) -> None:
+    a, b = socket.socketpair()
+    with b, server_context(pki).wrap_socket(a, server_side=True, do_handshake_on_connect=False) as sock:
+        step = openssl.sslobj_handshake(sock)
+        assert step == sock._sslobj.do_handshake  # type: ignore[attr-defined]
+        sock.setblocking(False)
+        with pytest.raises(ssl.SSLWantReadError):  # nothing from the client yet
+            step()
 
 
 # ---- pointers that cannot be proven are refused, and nothing is written through them ---------------------------
@@ -306,4 +345,7 @@ def test_a_forged_context_gets_no_ca_names_and_no_sigalgs(monkeypatch: pytest.Mo
         openssl.set_client_ca_names(ctx, _der(pki.client_ca))
     with pytest.raises(openssl.Unavailable):
         openssl.set_client_sigalgs(ctx, "ECDSA+SHA256")
+    with pytest.raises(openssl.Unavailable):
+        openssl.set_session_cache_size(ctx)
+    assert openssl.session_cache_size(ctx) is None
     assert forged.raw == bytes(len(forged))

@@ -78,6 +78,15 @@ def openssl_verify_depth(ctx: ssl.SSLContext) -> int:
     return int(_libssl().SSL_CTX_get_verify_depth(ptr))
 
 
+def openssl_session_cache_size(ctx: ssl.SSLContext) -> int:
+    """SSL_CTX_sess_get_cache_size(ctx): a macro for SSL_CTX_ctrl(ctx, SSL_CTRL_GET_SESS_CACHE_SIZE = 43, 0, NULL)."""
+    lib = _libssl()
+    lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    lib.SSL_CTX_ctrl.restype = ctypes.c_long
+    ptr = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    return int(lib.SSL_CTX_ctrl(ptr, 43, 0, None))
+
+
 @pytest.mark.parametrize("depth", [0, 1, 2, 3, 9])
 def test_verify_depth_is_set_in_openssl(pki: Pki, depth: int) -> None:
     assert openssl_verify_depth(build(pki, verify_depth=depth)) == depth
@@ -133,6 +142,7 @@ def test_options_disable_compression_and_renegotiation(pki: Pki) -> None:
     ctx = build(pki)
     assert ctx.options & ssl.OP_NO_COMPRESSION
     assert ctx.options & ssl.OP_NO_RENEGOTIATION
+    assert ctx.options & ssl.OP_NO_TICKET  # resumption from the server's session cache only (see below)
     assert ctx.verify_mode == ssl.CERT_REQUIRED
     assert ctx.verify_flags & ssl.VERIFY_CRL_CHECK_LEAF
     assert not build(pki, crl=None).verify_flags & ssl.VERIFY_CRL_CHECK_LEAF
@@ -541,3 +551,88 @@ def test_peer_chains_are_unknown_on_a_resumed_session(pki: Pki) -> None:
     assert second.session_reused
     assert tls.peer_chains(server) == (None, None)  # type: ignore[arg-type]
     assert server.getpeercert(binary_form=True) == pki.clients["via_intermediate"].der  # the leaf is still known
+
+
+# ---- session resumption: the server's own cache, no stateless tickets -------------------------------------------
+
+
+def _connect(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext,
+             session: ssl.SSLSession | None = None) -> tuple[ssl.SSLSession, bool, bytes | None]:
+    """One mTLS connection over 127.0.0.1, one byte each way (which also takes in TLS 1.3 tickets), closed
+    cleanly.  Returns (the client's session, whether it was resumed, the client certificate the server saw)."""
+    seen: dict[str, object] = {}
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(5)
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            conn.settimeout(5)
+            with server_ctx.wrap_socket(conn, server_side=True) as tls_sock:
+                seen["peer"] = tls_sock.getpeercert(binary_form=True)
+                seen["reused"] = tls_sock.session_reused
+                assert tls_sock.recv(1) == b"x"
+                tls_sock.sendall(b"y")
+                tls_sock.unwrap()
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        with socket.create_connection(listener.getsockname(), timeout=5) as raw:
+            with client_ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls_sock:
+                tls_sock.sendall(b"x")
+                assert tls_sock.recv(1) == b"y"
+                got, reused = tls_sock.session, tls_sock.session_reused
+                tls_sock.unwrap()
+        thread.join(5)
+    assert got is not None
+    assert seen["reused"] == reused
+    return got, reused, seen["peer"]  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=lambda v: v.name)
+def test_a_session_is_resumed_from_the_servers_cache(pki: Pki, version: ssl.TLSVersion) -> None:
+    server_ctx = build(pki)
+    client = pki.clients["good"]
+    client_ctx = pki.client_context(client, tls_max=version)
+    first, reused, _ = _connect(server_ctx, client_ctx)
+    assert not reused
+    # Stateful: the session is in the server's cache.  With stateless tickets a TLS 1.3 server caches nothing.
+    assert server_ctx.session_stats()["number"] >= 1
+    if version == ssl.TLSVersion.TLSv1_2:
+        assert not first.has_ticket  # no NewSessionTicket: resumption by session ID
+    second, reused, peer = _connect(server_ctx, client_ctx, session=first)
+    assert reused
+    assert peer == client.der  # the resumed session still names the verified client certificate
+    assert server_ctx.session_stats()["hits"] == 1
+
+
+def test_a_reloaded_context_resumes_nothing_from_the_old_one(pki: Pki) -> None:
+    """A reload builds a new context, with a new, empty cache: a session made under the old client CAs or CRL is
+    not resumed (the client gets a full handshake, with the certificate checked again)."""
+    client_ctx = pki.client_context(pki.clients["good"], tls_max=ssl.TLSVersion.TLSv1_2)
+    old, _, _ = _connect(build(pki), client_ctx)
+    reloaded = build(pki)
+    _, reused, peer = _connect(reloaded, client_ctx, session=old)
+    assert not reused
+    assert peer == pki.clients["good"].der
+    assert reloaded.session_stats()["hits"] == 0
+
+
+def test_the_server_session_cache_is_capped(pki: Pki) -> None:
+    ctx = build(pki)
+    assert openssl_session_cache_size(ctx) == 256
+    assert openssl_session_cache_size(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)) == 1024 * 20  # OpenSSL's default
+
+
+def test_the_cache_limit_holds_in_real_handshakes(pki: Pki) -> None:
+    """(OpenSSL drops the session of a connection freed without close_notify, so the connections here close
+    cleanly, as TLSTransport.close does.)"""
+    from proxy import openssl
+
+    ctx = build(pki)
+    openssl.set_session_cache_size(ctx, 4)
+    client_ctx = pki.client_context(pki.clients["good"], tls_max=ssl.TLSVersion.TLSv1_2)
+    for _ in range(8):
+        _connect(ctx, client_ctx)  # a full handshake each, a new session each, kept: both sides close cleanly
+    stats = ctx.session_stats()
+    assert 0 < stats["number"] <= 4  # the oldest sessions make room for new ones
+    assert stats["cache_full"] >= 4

@@ -413,6 +413,92 @@ def test_many_pipelined_records_are_all_delivered_without_more_data(
     run(main)
 
 
+def _queued(sock: socket.socket) -> int:
+    import fcntl
+    import termios
+
+    return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"), "little")
+
+
+class MarkedTransport(TLSTransport):
+    """Notes each readiness callback ("cb") and what each SSL read in it returned ("data" or "want")."""
+
+    __slots__ = ("events",)
+
+    def start(self) -> None:
+        self.events: list[str] = []
+        recv = self._recv
+
+        def counting(n: int) -> bytes:
+            try:
+                data = recv(n)
+            except ssl.SSLWantReadError:
+                self.events.append("want")
+                raise
+            self.events.append("data")
+            return data
+
+        self._recv = counting
+        super().start()
+
+    def _read_ready(self) -> None:
+        self.events.append("cb")
+        super()._read_ready()
+
+    def callbacks(self) -> list[list[str]]:
+        out: list[list[str]] = []
+        for event in self.events:
+            if event == "cb":
+                out.append([])
+            else:
+                out[-1].append(event)
+        return out
+
+
+@pytest.mark.parametrize("has_pending", [True, False], ids=["has_pending", "without_has_pending"])
+def test_a_pipelined_burst_is_read_in_one_callback_without_a_wasted_read(
+        run: Run, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, monkeypatch: pytest.MonkeyPatch,
+        has_pending: bool) -> None:
+    """200 pipelined keep-alive requests (200 TLS records, ~13 KiB) are all in the kernel before the transport
+    reads at all.  One callback delivers every byte, in order; with SSL_has_pending it stops on "OpenSSL holds
+    nothing and poll() shows nothing" instead of a read that fails with SSLWantReadError; without it (the
+    fallback) exactly that one failing read ends the loop."""
+    if not has_pending:
+        monkeypatch.setattr("proxy.transport.pending_function", lambda sock: None)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        requests = [b"GET /orders/%d HTTP/1.1\r\nHost: api.test\r\nAccept: */*\r\n\r\n" % i for i in range(200)]
+
+        def connect(port: int) -> Client:
+            c = Client(client_ctx, port)
+            c.handshake()
+            return c
+
+        ssock, c = await accept_tls(server_ctx, connect)
+        try:
+            for r in requests:
+                c.tls.write(r)
+            wire = c.outgoing.read()
+            await in_thread(c.sock.sendall, wire)
+            await until(lambda: _queued(ssock) == len(wire))  # all of it waits in the kernel: nothing follows
+            proto = Recorder()
+            tr = MarkedTransport(loop, ssock, proto)
+            tr.start()
+            await until(lambda: len(proto.data) == sum(map(len, requests)))
+            await turns()
+            assert proto.data == b"".join(requests)
+            with_data = [cb for cb in tr.callbacks() if "data" in cb]
+            assert len(with_data) == 1, tr.callbacks()
+            reads = with_data[0]
+            assert reads == ["data"] * proto.chunks + ([] if has_pending else ["want"])
+            assert proto.chunks > 1  # more than one record per read-ahead buffer, and more than one buffer
+        finally:
+            c.close()
+
+    run(main)
+
+
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls12", "tls13"])
 def test_data_sent_with_the_client_finished_is_delivered(run: Run, server_ctx: ssl.SSLContext, pki: Pki,
                                                         version: ssl.TLSVersion) -> None:

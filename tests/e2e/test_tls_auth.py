@@ -28,7 +28,7 @@ import aiohttp
 import pytest
 
 from proxy.config import DEFAULT_CIPHERS
-from tests.e2e.conftest import CountingUpstream, CurlResult, echo_of, eventually
+from tests.e2e.conftest import CountingUpstream, CurlResult, echo_of, eventually, parse_response
 from tests.harness import RawClient, Response, RunningProxy, client_ctx, get
 from tests.pki import Pki
 
@@ -263,6 +263,59 @@ async def test_tls12_only_refuses_a_tls13_only_client(pki: Pki, auth_proxy: Prox
         assert (await client.request(get("/v"))).status == 200
     finally:
         await client.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Visit:
+    session: ssl.SSLSession
+    reused: bool
+    response: Response
+
+
+def _visit(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None) -> Visit:
+    """One blocking connection: GET /whoami with Connection: close, read to the proxy's close_notify."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls_sock:
+            tls_sock.sendall(b"GET /whoami HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := tls_sock.recv(65536):
+                data += chunk
+            assert tls_sock.session is not None
+            return Visit(tls_sock.session, tls_sock.session_reused, parse_response(data))
+
+
+@BOTH_LOOPS
+@pytest.mark.parametrize("tls", ["1.2", "1.3"])
+async def test_a_partner_resumes_its_session_from_the_proxys_cache(
+        pki: Pki, auth_proxy: ProxyFactory, auth_upstream: CountingUpstream, monkeypatch: pytest.MonkeyPatch,
+        tls: str) -> None:
+    """The listener resumes a session from the server context's cache (no tickets) and the resumed connection
+    carries the same verified identity.  The listener drives each handshake step through the C-level
+    do_handshake (proxy.openssl.sslobj_handshake): ssl.SSLSocket.do_handshake is never called on its side."""
+    server_side_calls: list[ssl.SSLSocket] = []
+    wrapper = ssl.SSLSocket.do_handshake
+
+    def counted(self: ssl.SSLSocket, block: bool = False) -> None:
+        if self.server_side:
+            server_side_calls.append(self)
+        wrapper(self, block)
+
+    monkeypatch.setattr(ssl.SSLSocket, "do_handshake", counted)
+    rp = await auth_proxy(top={"allow_all_verified": True}, rules=[])
+    ctx = tls_ctx(pki, "good", tls)
+    first = await asyncio.to_thread(_visit, rp.port, ctx, None)
+    second = await asyncio.to_thread(_visit, rp.port, ctx, first.session)
+    assert not first.reused
+    assert second.reused
+    if tls == "1.2":
+        assert not first.session.has_ticket  # resumed by session ID: the proxy issues no ticket
+    for visit in (first, second):
+        assert visit.response.status == 200, visit.response
+        echo = echo_of(visit.response.body)
+        assert echo.one("X-Client-Cert-Fingerprint") == pki.clients["good"].fingerprint
+    assert rp.server.state.runtime.server_context.session_stats()["hits"] == 1
+    assert server_side_calls == []
+    assert failures(rp) == {}
 
 
 async def test_default_versions_negotiate_tls13(pki: Pki, auth_proxy: ProxyFactory) -> None:
