@@ -1,4 +1,4 @@
-"""config.load: the TOML schema, MTLS_PROXY_* overrides, and one ConfigError line per problem.
+"""proxy.config.loader (config.load): the TOML schema, MTLS_PROXY_* overrides, and one ConfigError line per problem.
 
 Every test passes an explicit ``environ`` mapping, so nothing here depends on (or changes) the process environment.
 """
