@@ -62,6 +62,14 @@ def test_items_are_not_checked_here() -> None:
     assert parse_rules_document(b'[{"name": "a"}, 5, "x"]') == [{"name": "a"}, 5, "x"]
 
 
+@pytest.mark.parametrize("data", [b"[5]", b'["a"]', b"[5, {}]", b"5", b'"rules"'])
+def test_a_json_list_of_non_objects_is_refused(data: bytes) -> None:
+    # Only "[{" and "[]" are taken for JSON; anything else is read as TOML, where "[5]" is a table header: the
+    # message may not say JSON, but the document is refused either way.
+    with pytest.raises(ValueError):
+        parse_rules_document(data)
+
+
 def test_not_utf8() -> None:
     with pytest.raises(ValueError) as info:
         parse_rules_document(b'[{"name": "caf\xe9"}]')
@@ -146,7 +154,7 @@ def test_a_bad_rate_and_a_bad_burst_are_both_reported() -> None:
 
 
 def rule_problems(*rules: AllowRule, proxy_protocol: bool = False) -> list[tuple[str, str]]:
-    c, names = Collector(), set()
+    c, names = Collector(), set[str]()
     for i, rule in enumerate(rules):
         check_rule(c, f"allow[{i}]", rule, names, proxy_protocol)
     return c.lines
