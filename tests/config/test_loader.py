@@ -1,4 +1,4 @@
-"""config.load: the TOML schema, MTLS_PROXY_* overrides, and one ConfigError line per problem.
+"""proxy.config.loader (config.load): the TOML schema, MTLS_PROXY_* overrides, and one ConfigError line per problem.
 
 Every test passes an explicit ``environ`` mapping, so nothing here depends on (or changes) the process environment.
 """
@@ -146,11 +146,6 @@ def attr(cfg: config.Config, dotted: str) -> Any:
 @pytest.mark.parametrize(("key", "expected"), DEFAULTS, ids=[k for k, _ in DEFAULTS])
 def test_defaults(tmp_path: Path, key: str, expected: Any) -> None:
     assert attr(load(write(tmp_path, MINIMAL)), key) == expected
-
-
-def test_default_ciphers_are_ecdhe_aead_only() -> None:
-    suites = config.DEFAULT_CIPHERS.split(":")
-    assert suites and all(s.startswith("ECDHE-") and ("-GCM-" in s or "CHACHA20-POLY1305" in s) for s in suites)
 
 
 def test_issue_example_parses_every_key(tmp_path: Path) -> None:
@@ -393,24 +388,6 @@ def test_environment_only_configuration() -> None:
     assert cfg.server.cert == PemSource(path=Path.cwd() / "certs/server.crt")
 
 
-# ---- upstream URL facts -------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("url", "host", "port", "host_header", "base_path"), [
-    ("https://api.example.com", "api.example.com", 443, "api.example.com", ""),
-    ("https://API.Example.com:443/prod/", "api.example.com", 443, "api.example.com", "/prod"),
-    ("https://api.example.com:8443/a/b", "api.example.com", 8443, "api.example.com:8443", "/a/b"),
-    ("https://10.1.2.3/prod", "10.1.2.3", 443, "10.1.2.3", "/prod"),
-    ("https://[::1]:8443/prod", "::1", 8443, "[::1]:8443", "/prod"),  # bracketed in Host (RFC 3986 3.2.2)
-    ("https://[2001:db8::1]/", "2001:db8::1", 443, "[2001:db8::1]", ""),
-])
-def test_upstream_url_parts(tmp_path: Path, url: str, host: str, port: int, host_header: str,
-                            base_path: str) -> None:
-    u = load(write(tmp_path, MINIMAL), {"MTLS_PROXY_UPSTREAM_URL": url}).upstream
-    assert (u.host, u.port, u.host_header, u.base_path) == (host, port, host_header, base_path)
-    assert u.dial == Address(host, port)
-
-
 # ---- errors: each problem is one line naming the key, variable or file ------------------------------
 
 # (where to insert: section or "" for top level, the line, the key the error must name, a message fragment)
@@ -441,21 +418,12 @@ FILE_ERRORS: list[tuple[str, str, str, str]] = [
     ("", "[log]\nlevel = \"loud\"", "log.level", "must be one of"),
     ("allow", "san_dns = \"client-a\"", "allow[0].san_dns", "expected a list of strings"),
     # addresses
-    ("server", 'listen = "8443"', "server.listen", "host:port"),
-    ("server", 'listen = ":8443"', "server.listen", "host:port"),
-    ("server", 'listen = "host:"', "server.listen", "host:port"),
     ("server", 'listen = "host:99999"', "server.listen", "out of range"),
-    ("server", 'listen = "::1:8443"', "server.listen", "host:port"),
-    ("server", 'listen = "[::1:8443"', "server.listen", "host:port"),
-    ("server", 'listen = "[1::2::3]:80"', "server.listen", "'::'"),
-    ("server", 'listen = "a b:80"', "server.listen", "host:port"),
     ("upstream", 'connect_to = "vpce-1.example.com"', "upstream.connect_to", "host:port"),
     ("", '[admin]\nlisten = "nope"', "admin.listen", "host:port"),
     ("", '[admin]\nlisten = "0.0.0.0:8443"', "admin.listen", "must differ from server.listen"),
     # upstream URL, API id
     ("upstream", 'api_id = "ABC123"', "upstream.api_id", "not an API Gateway id"),
-    ("upstream", 'api_id = "abc-123"', "upstream.api_id", "not an API Gateway id"),
-    ("upstream", 'api_id = ""', "upstream.api_id", "not an API Gateway id"),
     # TLS and ranges
     ("server", 'tls_versions = ["1.1", "1.2"]', "server.tls_versions", 'only "1.2" and "1.3"'),
     ("server", 'tls_versions = ["1.0"]', "server.tls_versions", 'only "1.2" and "1.3"'),
@@ -474,7 +442,6 @@ FILE_ERRORS: list[tuple[str, str, str, str]] = [
     # rules
     ("allow", 'methods = ["get"]', "allow[0].methods[0]", "must be an uppercase HTTP method"),
     ("allow", 'methods = ["GET", "PO ST"]', "allow[0].methods[1]", "must be an uppercase HTTP method"),
-    ("allow", 'methods = ["M.X"]', "allow[0].methods[0]", "must be an uppercase HTTP method"),
     ("allow", 'paths = ["/a/../b"]', "allow[0].paths[0]", "never occur in a normalised path"),
     ("allow", 'san_dns = ["a..b"]', "allow[0].san_dns[0]", "empty label"),
     ("allow", 'san_uri = ["spiffe://a", ""]', "allow[0].san_uri[1]", "must not be empty"),
@@ -529,9 +496,6 @@ def test_the_metrics_section(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("line", "key", "fragment"), [
     ('emf = "yes"', "metrics.emf", "expected true or false"),
     ('namespace = "AWS/ApplicationELB"', "metrics.namespace", "reserved for AWS"),
-    ('namespace = "has space"', "metrics.namespace", "not a CloudWatch namespace"),
-    ('namespace = ""', "metrics.namespace", "not a CloudWatch namespace"),
-    (f'namespace = "{"n" * 256}"', "metrics.namespace", "not a CloudWatch namespace"),
     ("interval = 0", "metrics.interval", "between 0.1 and 3600"),
     ("interval = 7200", "metrics.interval", "between 0.1 and 3600"),
     ("every = 60", "metrics.every", "unknown key"),
@@ -541,24 +505,12 @@ def test_a_bad_metrics_value_is_one_line_naming_the_key(tmp_path: Path, line: st
     assert len(lines) == 1 and lines[0].startswith(f"{key}: ") and fragment in lines[0], lines
 
 
+# The URL grammar is tested on parse_url itself (test_values.py); these show its problems reach upstream.url,
+# including the ValueError urlsplit raises on its own.
 @pytest.mark.parametrize(("url", "fragment"), [
     ("http://api.example.com/prod", "must be an https:// URL"),
-    ("ftp://api.example.com/prod", "must be an https:// URL"),
-    ("api.example.com/prod", "must be an https:// URL"),
-    ("https://user:secret@api.example.com/prod", "without credentials, query or fragment"),
-    ("https://@api.example.com/prod", "without credentials, query or fragment"),
-    ("https://api.example.com/prod?stage=1", "without credentials, query or fragment"),
-    ("https://api.example.com/prod?", "without credentials, query or fragment"),
-    ("https://api.example.com/prod#frag", "without credentials, query or fragment"),
-    ("https:///prod", "without credentials, query or fragment"),
-    ("https://api.example.com:99999/prod", "out of range"),
-    ("https://api.example.com:x/prod", "in 'https://api.example.com:x/prod'"),
-    ("https://[::1/prod", "Invalid IPv6 URL"),  # urlsplit raises; must become a ConfigError
-    ("https://bücher.example/prod", "not an ASCII DNS name"),  # would crash encoding the Host header
-    ("https://api example.com/prod", "not an ASCII DNS name"),
-    ("https://api_x.example.com/prod", "not an ASCII DNS name"),
+    ("https://[::1/prod", "Invalid IPv6 URL"),
     ("https://api.example.com/pr od", "bad base path"),
-    ("https://api.example.com/prod/\u00e9", "bad base path"),
 ])
 def test_bad_upstream_url(tmp_path: Path, url: str, fragment: str) -> None:
     text = MINIMAL.replace("https://abc123.execute-api.us-east-1.amazonaws.com/prod", url)
@@ -720,20 +672,6 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         "upstream.read_timeout", "allow[0].methods[0]", "allow[1].name", "log.level",
         "MTLS_PROXY_UPSTREAM_VERIFY", "MTLS_PROXY_TYPO",
     ]), lines
-
-
-def test_config_is_frozen(tmp_path: Path) -> None:
-    cfg = load(write(tmp_path, MINIMAL))
-    with pytest.raises(AttributeError):
-        cfg.server.verify_depth = 5  # type: ignore[misc]
-    changed = config.replace(cfg, allow_all_verified=True)
-    assert changed.allow_all_verified and not cfg.allow_all_verified
-
-
-def test_address_prints_as_it_is_written_in_the_config() -> None:
-    """An address is named in error lines ("cannot listen on [::1]:9443"): IPv6 keeps its brackets."""
-    assert str(Address("::1", 9443)) == "[::1]:9443"
-    assert str(Address("0.0.0.0", 8443)) == "0.0.0.0:8443"
 
 
 # ---- [identity] and per-rule rate limits ----------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Tests of proxy.config: one file per module (loader, rules, values, model)."""
