@@ -37,12 +37,17 @@ def parse_rules_document(data: bytes) -> list[Any]:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError("not UTF-8 text") from None
-    # JSON: an object, or a list of objects (or empty); anything else is TOML (``[[allow]]`` also starts with "[").
-    if re.match(r"\s*(\{|\[\s*[{\]])", text):
+    # JSON is an object or a list; TOML starts with a table header, and ``[[allow]]`` also starts with "[".  A
+    # document starting with "[[" is TOML; one starting with "{" or "[" otherwise is JSON, so a JSON list of
+    # non-objects (``[5]``) reaches the loader, which names the item (``allow_from.allow[0]: expected a table``).
+    stripped = text.lstrip()
+    if stripped.startswith("{") or (stripped.startswith("[") and not re.match(r"\[\s*\[", stripped)):
         try:
             doc: Any = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"invalid JSON: {exc.msg} (line {exc.lineno})") from None
+            doc = _toml_table(text) if stripped.startswith("[") else None  # ``[allow]``: a TOML table, not JSON
+            if doc is None:
+                raise ValueError(f"invalid JSON: {exc.msg} (line {exc.lineno})") from None
     else:
         try:
             doc = tomllib.loads(text)
@@ -56,6 +61,13 @@ def parse_rules_document(data: bytes) -> list[Any]:
     if not isinstance(doc, list):
         raise ValueError("expected a list of rules ([[allow]] tables)")
     return doc
+
+
+def _toml_table(text: str) -> Any:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return None
 
 
 def read_rules_document(src: PemSource, environ: Mapping[str, str], c: Problems) -> list[Any] | None:

@@ -1,7 +1,7 @@
 """The answers the proxy writes itself: **the one place where a ``ProxyError`` becomes an HTTP response**.
 
 Owns: turning a refusal or a failure (``proxy.errors``: policy 403, size 413/414/431, rate 429, timeouts 408,
-framing 400/501/505, upstream 502/504, drain 503) into bytes: the status line with its reason phrase, a JSON body
+framing 400/501/505, upstream 502/504) into bytes: the status line with its reason phrase, a JSON body
 ``{"error", "message"}`` (plus ``reason``, ``subject`` and ``fingerprint`` for a policy or rate refusal, so a
 partner can tell which certificate was refused and why), ``Retry-After`` for 429 (RFC 9110 §10.2.3), and
 ``Connection: close`` when the connection ends after it.  A response to HEAD carries no content (RFC 9110 §9.3.2)

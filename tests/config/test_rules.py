@@ -62,11 +62,22 @@ def test_items_are_not_checked_here() -> None:
     assert parse_rules_document(b'[{"name": "a"}, 5, "x"]') == [{"name": "a"}, 5, "x"]
 
 
-@pytest.mark.parametrize("data", [b"[5]", b'["a"]', b"[5, {}]", b"5", b'"rules"'])
-def test_a_json_list_of_non_objects_is_refused(data: bytes) -> None:
-    # Only "[{" and "[]" are taken for JSON; anything else is read as TOML, where "[5]" is a table header: the
-    # message may not say JSON, but the document is refused either way.
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("data", [b"[5]", b'["a"]', b"[5, {}]"])
+def test_a_json_list_of_non_objects_is_read_as_json(data: bytes) -> None:
+    # Not as TOML (where "[5]" would be a table header and the message would be about TOML): the items reach the
+    # loader, which reports "expected a table" under the item's own key.
+    assert parse_rules_document(data) == json.loads(data)
+
+
+def test_a_toml_table_that_is_not_an_array_of_tables_is_refused_as_toml() -> None:
+    with pytest.raises(ValueError) as info:
+        parse_rules_document(b'[allow]\nname = "x"\n')
+    assert str(info.value) == "expected a list of rules ([[allow]] tables)"
+
+
+@pytest.mark.parametrize("data", [b"5", b'"rules"'])
+def test_a_bare_scalar_is_refused(data: bytes) -> None:
+    with pytest.raises(ValueError, match="invalid TOML"):
         parse_rules_document(data)
 
 
@@ -278,3 +289,9 @@ def test_an_external_document_is_checked_with_the_same_keys_as_inline_rules(tmp_
     ]
     assert load_errors(tmp_path / "inline.toml") == expected
     assert external == ["allow_from." + line for line in expected]
+
+
+def test_a_json_list_of_non_objects_is_refused_under_the_item_key(tmp_path: Path) -> None:
+    (tmp_path / "rules.json").write_bytes(b"[5]")
+    (tmp_path / "proxy.toml").write_text('allow_from = "rules.json"\n' + BASE)
+    assert load_errors(tmp_path / "proxy.toml") == ["allow_from.allow[0]: expected a table"]
