@@ -23,20 +23,24 @@ ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-# Dependencies first, from pyproject.toml alone: this layer stays cached until the dependencies change.
+# Dependencies first, from pyproject.toml alone: this layer stays cached until the dependencies change. The aws
+# extra (boto3) is part of the image: the ECS task reads its secrets, rules and CRL from AWS sources.
 COPY pyproject.toml ./
 RUN python3 -m venv /opt/build \
     && python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb")); \
 print("\n".join(p["build-system"]["requires"]), file=open("/tmp/build-requires.txt", "w")); \
-print("\n".join(p["project"]["dependencies"]), file=open("/tmp/requires.txt", "w"))' \
+print("\n".join(p["project"]["dependencies"] + p["project"]["optional-dependencies"]["aws"]), \
+file=open("/tmp/requires.txt", "w"))' \
     && /opt/build/bin/pip install --requirement /tmp/build-requires.txt \
     && /opt/build/bin/pip wheel --wheel-dir /wheels --requirement /tmp/requires.txt
 COPY . ./
 # The project's own wheel offline, then a venv without pip holding only what the proxy runs.
 RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation --no-index --wheel-dir /wheels . \
     && python3 -m venv --without-pip /opt/mtls-proxy \
-    && /opt/build/bin/pip --python /opt/mtls-proxy/bin/python install --no-index --find-links /wheels mtls-proxy \
-    && /opt/mtls-proxy/bin/mtls-proxy --help >/dev/null
+    && /opt/build/bin/pip --python /opt/mtls-proxy/bin/python install --no-index --find-links /wheels \
+       'mtls-proxy[aws]' \
+    && /opt/mtls-proxy/bin/mtls-proxy --help >/dev/null \
+    && /opt/mtls-proxy/bin/python -c 'import boto3'
 
 # ---- smoke: curl and scripts/smoke.sh, the `smoke` service of docker-compose.yml (not part of the runtime) ------
 FROM ${BASE_IMAGE} AS smoke

@@ -4,7 +4,11 @@ Owns: linting both templates with the venv's cfn-lint, and asserting what cfn-li
 across resources, the PROXY-protocol target group, the private API's resource policy and the execute-api endpoint's
 policy, the timeout and drain chain (integration timeout < read timeout <= drain, whole process tree inside
 StopTimeout), scaling that can reach its target and is never reset by an update, valid Fargate sizes (the template's
-Rules, evaluated here for every pair), least privilege on the secrets, restricted task egress, retained and
+Rules, evaluated here for every pair), the sources the proxy re-reads every ReloadInterval (certificate, key and
+client CA in Secrets Manager, rules and CRL in the config bucket: nothing injected by ECS), the config bucket
+(versioned, private, encrypted, TLS only), the task role's exact-ARN read access and conditional kms:Decrypt for
+several deployments (``Deployment`` evaluates the template for given parameters), the first deploy without tasks,
+an execution role without secrets, restricted task egress, retained and
 optionally encrypted logs, the stage's access log, the alarms and the endpoint connection notification, the
 container hardening, that every checkov suppression is explained in deploy/README.md, and that the task
 definition's environment is a configuration ``proxy.config.load`` accepts.  Every check also runs against a
@@ -29,6 +33,8 @@ import pytest
 from cfnlint.decode import decode
 
 from proxy.config import load
+from proxy.config import rules as rules_doc
+from proxy.sources import location
 from proxy.metrics import HANDSHAKE_REASONS
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -38,25 +44,39 @@ README = DEPLOY / "README.md"
 CFN_LINT = Path(sys.executable).parent / "cfn-lint"
 
 NO_VALUE = {"Ref": "AWS::NoValue"}
-SECRET_ENV = {  # secret env var -> template parameter holding the secret's ARN
-    "SERVER_CERT_PEM": "ServerCertSecretArn",
-    "SERVER_KEY_PEM": "ServerKeySecretArn",
-    "CLIENT_CA_PEM": "ClientCaSecretArn",
-    "CLIENT_CRL_PEM": "ClientCrlSecretArn",
+# Sample values for the parameters without a default, and for resources CloudFormation names at deploy time.
+CERT_ARN = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:mtls-proxy/server-tls-AbCdEf"
+KEY_ARN = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:mtls-proxy/server-key-GhIjKl"
+CA_ARN = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:mtls-proxy/client-ca-MnOpQr"
+SECRETS_KEY = "arn:aws:kms:eu-west-1:123456789012:key/0a1b2c3d-0000-1111-2222-333344445555"
+CONFIG_KEY = "arn:aws:kms:eu-west-1:123456789012:key/9f8e7d6c-0000-1111-2222-333344445555"
+CREATED_BUCKET = "mtls-proxy-configbucket-1a2b3c4d5e6f"
+SAMPLE_PARAMS = {"ServerCertSecretArn": CERT_ARN, "ClientCaSecretArn": CA_ARN, "ImageUri": "img:1",
+                 "VpcId": "vpc-0123456789abcdef0", "SubnetIds": "subnet-01234567,subnet-89abcdef",
+                 "AllowedPrincipals": "arn:aws:iam::111122223333:root"}
+PSEUDO = {"AWS::Region": "eu-west-1", "AWS::Partition": "aws", "AWS::URLSuffix": "amazonaws.com",
+          "AWS::AccountId": "123456789012", "AWS::StackName": "mtls-proxy", "AWS::NoValue": None}
+DEPLOYED = {"ConfigBucket": CREATED_BUCKET, "ConfigBucket.Arn": f"arn:aws:s3:::{CREATED_BUCKET}",
+            "RestApi": "a1b2c3d4e5", "LogGroup": "mtls-proxy-LogGroup-x", "LogGroup.Arn": "arn:aws:logs:x"}
+# The deployments every source and IAM check is evaluated for: the defaults (created bucket, key in the certificate
+# secret, CRL, no customer key), an existing bucket with customer keys and a separate key secret, and no CRL.
+SCENARIOS = {
+    "defaults": {},
+    "existing-bucket-customer-keys": {"ConfigBucketName": "acme-mtls-config", "ConfigKmsKeyArn": CONFIG_KEY,
+                                      "SecretsKmsKeyArn": SECRETS_KEY, "ServerKeySecretArn": KEY_ARN},
+    "no-crl": {"CrlObjectKey": "", "RulesObjectKey": "rules/partners.json", "ReloadInterval": "300"},
 }
-PEM_ENV = {  # proxy setting -> the secret env var it reads (``env:NAME``)
-    "MTLS_PROXY_SERVER_CERT": "SERVER_CERT_PEM",
-    "MTLS_PROXY_SERVER_KEY": "SERVER_KEY_PEM",
-    "MTLS_PROXY_SERVER_CLIENT_CA": "CLIENT_CA_PEM",
-    "MTLS_PROXY_SERVER_CRL": "CLIENT_CRL_PEM",
-}
+# Every action the proxy's task role may hold: what proxy/sources/aws.py calls, and nothing else.
+TASK_ROLE_ACTIONS = {"s3:GetObject", "secretsmanager:DescribeSecret", "secretsmanager:GetSecretValue", "kms:Decrypt"}
+PEM_SETTINGS = ("MTLS_PROXY_SERVER_CERT", "MTLS_PROXY_SERVER_KEY", "MTLS_PROXY_SERVER_CLIENT_CA",
+                "MTLS_PROXY_SERVER_CRL", "MTLS_PROXY_ALLOW_FROM")
 TG_ATTRIBUTE_KEYS = {
     "proxy_protocol_v2.enabled",
     "deregistration_delay.timeout_seconds",
     "deregistration_delay.connection_termination.enabled",
     "preserve_client_ip.enabled",
 }
-SAMPLE_ALLOW = '[{"name": "partner-a", "subject_cn": ["partner-a-client"], "source_vpce": ["vpce-0123456789abcdef0"]}]'
+SAMPLE_RULES = [{"name": "partner-a", "subject_cn": ["partner-a-client"], "source_vpce": ["vpce-0123456789abcdef0"]}]
 
 # Fargate's task sizes: TaskCpu -> the TaskMemory values (MiB) it accepts (AWS Fargate task CPU and memory table).
 FARGATE_MEMORY = {
@@ -315,6 +335,83 @@ def _sg_rules(t: Template) -> Iterator[tuple[str, dict[str, Any]]]:
             yield name, props
 
 
+# --- the template evaluated for one deployment: parameters, conditions, and the names CloudFormation assigns -------
+class Deployment:
+    """The template's values as CloudFormation would resolve them for these parameters (defaults, SAMPLE_PARAMS,
+    then ``given``), with the names in DEPLOYED standing in for the resources' physical ids."""
+
+    def __init__(self, t: Template, **given: str) -> None:
+        self.t = t
+        self.params = _param_values(t, **(DEPLOYMENT | SAMPLE_PARAMS | given))
+        self.conditions = {n: bool(self._condition(e)) for n, e in t.get("Conditions", {}).items()}
+
+    def _condition(self, expr: Any) -> Any:
+        if isinstance(expr, dict) and "Condition" in expr:
+            return self._condition(self.t["Conditions"][expr["Condition"]])
+        return _rule_value(expr, self.params)
+
+    def lookup(self, name: str) -> Any:
+        for table in (PSEUDO, self.params, DEPLOYED):
+            if name in table:
+                return table[name]
+        raise AssertionError(f"nothing named {name} in this deployment")
+
+    def exists(self, resource: str) -> bool:
+        cond = self.t["Resources"][resource].get("Condition")
+        return cond is None or self.conditions[cond]
+
+    def value(self, v: Any) -> Any:
+        """``v`` resolved: Ref, Fn::Sub (both forms), Fn::If, Fn::GetAtt, Fn::FindInMap; AWS::NoValue dropped."""
+        if isinstance(v, list):
+            return [x for x in (self.value(i) for i in v) if x is not None]
+        if not isinstance(v, dict):
+            return v
+        if len(v) == 1:
+            ((fn, args),) = v.items()
+            if fn == "Ref":
+                if args in self.t["Resources"]:
+                    assert self.exists(args), f"Ref to {args}, which this deployment does not create"
+                return self.lookup(args)
+            if fn == "Fn::If":
+                name, yes, no = args
+                return self.value(yes if self.conditions[name] else no)
+            if fn == "Fn::GetAtt":
+                return self.lookup(".".join(args))
+            if fn == "Fn::Sub":
+                text, names = (args, {}) if isinstance(args, str) else (args[0], self.value(args[1]))
+                return re.sub(r"\$\{([^}!]+)\}",
+                              lambda m: str(names[m.group(1)] if m.group(1) in names else self.lookup(m.group(1))),
+                              text)
+            if fn == "Fn::FindInMap":
+                name, key, attribute = (self.value(a) for a in args)
+                return self.t["Mappings"][name][key][attribute]
+            if fn == "Fn::Split":
+                sep, text = args
+                return self.value(text).split(sep)
+        return {k: x for k, x in ((k, self.value(x)) for k, x in v.items()) if x is not None}
+
+    def env(self) -> dict[str, str]:
+        return {e["Name"]: str(e["Value"]) for e in self.value(_container(self.t).get("Environment", []))}
+
+    def statements(self, role: str) -> list[dict[str, Any]]:
+        props = self.value(self.t["Resources"][role]["Properties"])
+        return [s for p in props.get("Policies", []) for s in p["PolicyDocument"]["Statement"]]
+
+    @property
+    def bucket(self) -> str:
+        return self.params["ConfigBucketName"] or CREATED_BUCKET
+
+
+def _deployments(t: Template) -> dict[str, Deployment]:
+    return {name: Deployment(t, **given) for name, given in SCENARIOS.items()}
+
+
+def _roles(t: Template) -> tuple[str, str]:
+    """(execution role, task role) resource names, as the task definition names them."""
+    _, td = _one(t, "AWS::ECS::TaskDefinition")
+    return td["ExecutionRoleArn"]["Fn::GetAtt"][0], td["TaskRoleArn"]["Fn::GetAtt"][0]
+
+
 # --- provider checks: each raises AssertionError when its property is broken --------------------------------------
 def check_target_group(t: Template) -> None:
     _, tg = _target_group(t)
@@ -494,27 +591,155 @@ def check_ports(t: Template) -> None:
     assert f"127.0.0.1:{admin_port}/healthz" in " ".join(container["HealthCheck"]["Command"])
 
 
-def check_secrets(t: Template) -> None:
-    container, env = _container(t), _env(t)
-    secrets = {s["Name"]: s["ValueFrom"] for s in _items(container.get("Secrets"))}
-    assert secrets == {name: _ref(param) for name, param in SECRET_ENV.items()}
-    assert {k: v for k, v in env.items() if str(v).startswith("env:")} == {
-        setting: f"env:{name}" for setting, name in PEM_ENV.items()}
-    _, td = _one(t, "AWS::ECS::TaskDefinition")
-    role = t["Resources"][td["ExecutionRoleArn"]["Fn::GetAtt"][0]]["Properties"]
-    assert "ManagedPolicyArns" not in role, "a managed policy could grant wider secret access"
-    granted = []
-    for s in _statements(role):
-        actions = _as_list(s.get("Action"))
-        if any(a == "*" or a.startswith(("secretsmanager:", "kms:")) for a in actions):
-            resources = _as_list(s.get("Resource"))
-            assert "*" not in resources, f"statement {s.get('Sid')} grants secret access on '*'"
-            if any(a.startswith("secretsmanager:") or a == "*" for a in actions):
-                assert actions == ["secretsmanager:GetSecretValue"], actions
-                granted.extend(resources)
-    assert sorted(map(json.dumps, granted)) == sorted(map(json.dumps, secrets.values()))
-    task_role = t["Resources"][td["TaskRoleArn"]["Fn::GetAtt"][0]]["Properties"]
-    assert not task_role.get("Policies") and not task_role.get("ManagedPolicyArns"), "task role must stay empty"
+def check_sources_are_polled(t: Template) -> None:
+    """The proxy reads its certificate, key, client CA, CRL and rules itself, from sources it re-reads every
+    ReloadInterval: nothing is injected by ECS (read once at task start), nothing is fixed in the task definition."""
+    container = _container(t)
+    assert "Secrets" not in container, "ECS-injected secrets are read once, at task start: rotation needs new tasks"
+    assert t["Parameters"]["ReloadInterval"]["Type"] == "Number"
+    default = float(t["Parameters"]["ReloadInterval"]["Default"])
+    # Often enough that a revocation is live within minutes; not so often that polling costs (every worker polls).
+    assert 10 <= default <= 300, f"ReloadInterval default {default:g} s"
+    assert float(t["Parameters"]["ReloadInterval"]["MinValue"]) >= 5
+    assert float(t["Parameters"]["ReloadInterval"]["MaxValue"]) <= 3600
+    for name, d in _deployments(t).items():
+        env = d.env()
+        key_arn = d.params["ServerKeySecretArn"] or d.params["ServerCertSecretArn"]
+        expected = {
+            "MTLS_PROXY_SERVER_CERT": f"secretsmanager:{d.params['ServerCertSecretArn']}",
+            "MTLS_PROXY_SERVER_KEY": f"secretsmanager:{key_arn}",
+            "MTLS_PROXY_SERVER_CLIENT_CA": f"secretsmanager:{d.params['ClientCaSecretArn']}",
+            "MTLS_PROXY_ALLOW_FROM": f"s3://{d.bucket}/{d.params['RulesObjectKey']}",
+        }
+        if d.params["CrlObjectKey"]:
+            expected["MTLS_PROXY_SERVER_CRL"] = f"s3://{d.bucket}/{d.params['CrlObjectKey']}"
+        sources = {k: v for k, v in env.items() if k in PEM_SETTINGS}
+        assert sources == expected, f"{name}: {sources}"
+        for setting, text in sources.items():
+            assert location.parse_location(text).kind in ("secretsmanager", "s3"), (name, setting, text)
+        assert "MTLS_PROXY_ALLOW" not in env, f"{name}: rules fixed in the task definition"
+        assert env.get("MTLS_PROXY_SERVER_RELOAD_INTERVAL") == d.params["ReloadInterval"], (
+            f"{name}: the proxy must poll every ReloadInterval")
+        assert float(env["MTLS_PROXY_SERVER_RELOAD_INTERVAL"]) > 0, f"{name}: 0 turns polling off"
+        assert env.get("AWS_REGION") == PSEUDO["AWS::Region"], name
+
+
+def _wildcard(resource: Any) -> bool:
+    return not isinstance(resource, str) or any(ch in resource for ch in "*?$")
+
+
+def check_task_role_least_privilege(t: Template) -> None:
+    """The task role reads exactly the sources the environment names: GetObject on the two objects, the two
+    Secrets Manager read calls on the secrets, kms:Decrypt only for a given customer key and only through that
+    service. No resource is a wildcard; no other action, no managed policy."""
+    _, task_role = _roles(t)
+    props = t["Resources"][task_role]["Properties"]
+    assert "ManagedPolicyArns" not in props, "a managed policy could grant more than the sources"
+    for name, d in _deployments(t).items():
+        env, statements = d.env(), d.statements(task_role)
+        granted: dict[str, set[str]] = {}
+        for s in statements:
+            assert s["Effect"] == "Allow" and "NotAction" not in s and "NotResource" not in s, (name, s)
+            actions, resources = _as_list(s["Action"]), _as_list(s["Resource"])
+            assert set(actions) <= TASK_ROLE_ACTIONS, f"{name}: {s.get('Sid')} grants {actions}"
+            for r in resources:
+                assert not _wildcard(r), f"{name}: {s.get('Sid')} grants on {r!r}"
+            for a in actions:
+                granted.setdefault(a, set()).update(resources)
+            if "kms:Decrypt" in actions:
+                assert actions == ["kms:Decrypt"] and len(resources) == 1, (name, s)
+                service = "secretsmanager" if resources[0] == d.params["SecretsKmsKeyArn"] else "s3"
+                assert s.get("Condition") == {"StringEquals": {
+                    "kms:ViaService": f"{service}.{PSEUDO['AWS::Region']}.amazonaws.com"}}, (name, s)
+        objects = {f"arn:aws:s3:::{v[len('s3://'):]}" for v in env.values() if v.startswith("s3://")}
+        secrets = {v.split(":", 1)[1] for k, v in env.items() if v.startswith("secretsmanager:")}
+        assert granted.get("s3:GetObject") == objects, f"{name}: GetObject on {granted.get('s3:GetObject')}"
+        assert granted.get("secretsmanager:GetSecretValue") == secrets, name
+        # DescribeSecret is how an unchanged secret costs no decryption (proxy/sources/aws.py).
+        assert granted.get("secretsmanager:DescribeSecret") == secrets, name
+        keys = {d.params[k] for k in ("SecretsKmsKeyArn", "ConfigKmsKeyArn") if d.params[k]}
+        assert granted.get("kms:Decrypt", set()) == keys, f"{name}: kms:Decrypt on {granted.get('kms:Decrypt')}"
+
+
+def check_execution_role_reads_no_secrets(t: Template) -> None:
+    """ECS itself no longer fetches a secret: the execution role pulls the image and writes logs, nothing more."""
+    execution_role, _ = _roles(t)
+    props = t["Resources"][execution_role]["Properties"]
+    assert "ManagedPolicyArns" not in props, "a managed policy could grant secret access"
+    for name, d in _deployments(t).items():
+        for s in d.statements(execution_role):
+            for action in _as_list(s["Action"]):
+                assert action.split(":")[0] in ("ecr", "logs"), f"{name}: the execution role may {action}"
+    assert "Secrets" not in _container(t)
+
+
+def check_config_bucket(t: Template) -> None:
+    """The created bucket is versioned (rollback), private, encrypted (with the customer key when given) and
+    refuses plain HTTP; an existing bucket is used as it is (a bucket policy would replace its owner's)."""
+    bucket = t["Resources"]["ConfigBucket"]
+    assert bucket["Type"] == "AWS::S3::Bucket" and bucket.get("Condition") == "CreateConfigBucket"
+    assert t["Conditions"]["CreateConfigBucket"] == {"Fn::Equals": [_ref("ConfigBucketName"), ""]}
+    assert bucket.get("DeletionPolicy") == "Retain" and bucket.get("UpdateReplacePolicy") == "Retain"
+    policies = _of_type(t, "AWS::S3::BucketPolicy")
+    assert len(policies) == 1, "the created bucket needs its TLS-only bucket policy"
+    ((policy_name, _),) = policies
+    assert t["Resources"][policy_name].get("Condition") == "CreateConfigBucket"
+    for given, kms in (({}, None), ({"ConfigKmsKeyArn": CONFIG_KEY}, CONFIG_KEY)):
+        d = Deployment(t, **given)
+        assert d.exists("ConfigBucket") and d.exists(policy_name)
+        props = d.value(bucket["Properties"])
+        assert props.get("VersioningConfiguration") == {"Status": "Enabled"}
+        assert props.get("PublicAccessBlockConfiguration") == {
+            "BlockPublicAcls": True, "BlockPublicPolicy": True, "IgnorePublicAcls": True,
+            "RestrictPublicBuckets": True}
+        assert "BucketEncryption" in props, "default encryption must be set (and chosen: the customer key)"
+        (rule,) = props["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+        default = rule["ServerSideEncryptionByDefault"]
+        if kms:
+            assert default == {"SSEAlgorithm": "aws:kms", "KMSMasterKeyID": kms}, default
+            assert rule.get("BucketKeyEnabled") is True
+        else:
+            assert default in ({"SSEAlgorithm": "AES256"}, {"SSEAlgorithm": "aws:kms"}), default
+        policy = d.value(t["Resources"][policy_name]["Properties"])
+        assert policy["Bucket"] == CREATED_BUCKET
+        arn = DEPLOYED["ConfigBucket.Arn"]
+        tls_only = [s for s in policy["PolicyDocument"]["Statement"]
+                    if s["Effect"] == "Deny" and s.get("Principal") == "*"
+                    and set(_as_list(s["Action"])) == {"s3:*"}
+                    and {arn, f"{arn}/*"} <= set(_as_list(s["Resource"]))
+                    and s.get("Condition") == {"Bool": {"aws:SecureTransport": "false"}}]
+        assert tls_only, "the bucket must refuse requests without TLS (aws:SecureTransport false)"
+    existing = Deployment(t, ConfigBucketName="acme-mtls-config")
+    assert not existing.exists("ConfigBucket") and not existing.exists(policy_name)
+    # Names and keys end up in IAM ARNs: none may carry a wildcard or a policy variable, none may be malformed.
+    patterns = {k: t["Parameters"][k]["AllowedPattern"] for k in ("ConfigBucketName", "RulesObjectKey",
+                                                                   "CrlObjectKey")}
+    for key, pattern in patterns.items():
+        assert re.fullmatch(pattern, str(t["Parameters"][key]["Default"])), key
+        for bad in ("*", "a*", "partners/*", "a?b", "${aws:username}", "/rules.toml", "a//b", "a/"):
+            assert not re.fullmatch(pattern, bad), f"{key} accepts {bad!r}"
+    assert re.fullmatch(patterns["ConfigBucketName"], "acme-mtls-config")
+    assert not re.fullmatch(patterns["ConfigBucketName"], "Acme_Config")
+    assert not re.fullmatch(patterns["RulesObjectKey"], ""), "the rules document is required"
+    assert re.fullmatch(patterns["CrlObjectKey"], ""), "no CRL must stay possible"
+
+
+def check_first_deploy_without_tasks(t: Template) -> None:
+    """With a created bucket nothing can be uploaded before the stack exists, and a task refuses to start without
+    its rules: StartProxyTasks false creates everything but the service (and what watches or scales it)."""
+    param = t["Parameters"]["StartProxyTasks"]
+    assert param["Default"] == "true" and sorted(param["AllowedValues"]) == ["false", "true"]
+    off, on = Deployment(t, StartProxyTasks="false"), Deployment(t)
+    service, _ = _one(t, "AWS::ECS::Service")
+    assert on.exists(service) and not off.exists(service)
+    assert off.exists("ConfigBucket") and off.exists("TaskDefinition") and off.exists("TaskRole")
+    refs = (json.dumps(_ref(service)), f'["{service}", ', f"${{{service}.", f"${{{service}}}")
+    for name, resource in t["Resources"].items():
+        if any(r in json.dumps(resource) for r in refs):
+            assert not off.exists(name), f"{name} refers to the service, which StartProxyTasks false leaves out"
+    for name, alarm in _alarms(t).items():
+        if alarm.get("TreatMissingData") == "breaching":  # would fire while no task runs
+            assert not off.exists(name), name
 
 
 def check_container_hardening(t: Template) -> None:
@@ -771,7 +996,9 @@ def check_emf_feeds_the_alarms(t: Template) -> None:
 PROVIDER_CHECKS = [check_target_group, check_listener, check_load_balancer, check_security_groups,
                    check_security_group_rules_described, check_task_egress, check_private_api,
                    check_execute_api_endpoint_policy, check_timeouts_follow_integration, check_drain_budget,
-                   check_ports, check_secrets, check_container_hardening, check_log_groups, check_access_log_delivery,
+                   check_ports, check_sources_are_polled, check_task_role_least_privilege,
+                   check_execution_role_reads_no_secrets, check_config_bucket, check_first_deploy_without_tasks,
+                   check_container_hardening, check_log_groups, check_access_log_delivery,
                    check_stage_access_logs, check_service, check_no_desired_count, check_scaling_can_reach_target,
                    check_fargate_sizes, check_subnets, check_alarms, check_alarm_topic, check_endpoint_service,
                    check_emf_feeds_the_alarms]
@@ -818,13 +1045,47 @@ def _policy(t: Template) -> list[dict[str, Any]]:
     return _props(t, "RestApi")["Policy"]["Statement"]
 
 
-def _secret_statement(t: Template) -> dict[str, Any]:
-    return next(s for s in _statements(_props(t, "TaskExecutionRole")) if s.get("Sid") == "ReadProxySecrets")
+def _task_statement(t: Template, sid: str) -> dict[str, Any]:
+    doc = _props(t, "TaskRole")["Policies"][0]["PolicyDocument"]
+    return next(s for s in _items(doc["Statement"]) if s.get("Sid") == sid)
 
 
-def _grant_all_secrets(t: Template) -> None:
-    _props(t, "TaskExecutionRole")["Policies"][0]["PolicyDocument"]["Statement"].append(
-        {"Effect": "Allow", "Action": "secretsmanager:*", "Resource": "*"})
+def _add_task_statement(statement: dict[str, Any]) -> Callable[[Template], None]:
+    return lambda t: _props(t, "TaskRole")["Policies"][0]["PolicyDocument"]["Statement"].append(statement)
+
+
+def _unconditional_kms(t: Template) -> None:
+    statements = _props(t, "TaskRole")["Policies"][0]["PolicyDocument"]["Statement"]
+    for i, s in enumerate(statements):
+        if isinstance(s, dict) and "Fn::If" in s and s["Fn::If"][0] == "HasKmsKey":
+            statements[i] = s["Fn::If"][1]
+
+
+def _bucket_props(t: Template) -> dict[str, Any]:
+    return _props(t, "ConfigBucket")
+
+
+def _bucket_sse(t: Template) -> dict[str, Any]:
+    return _bucket_props(t)["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]  # type: ignore[no-any-return]
+
+
+def _tls_statement(t: Template) -> dict[str, Any]:
+    return _props(t, "ConfigBucketPolicy")["PolicyDocument"]["Statement"][0]  # type: ignore[no-any-return]
+
+
+def _add_env(name: str, value: Any) -> Callable[[Template], None]:
+    return lambda t: _container(t)["Environment"].append({"Name": name, "Value": value})
+
+
+def _drop_env(name: str) -> Callable[[Template], None]:
+    def mutate(t: Template) -> None:
+        env = _container(t)["Environment"]
+        env[:] = [e for e in env if not (isinstance(e, dict) and e.get("Name") == name)]
+    return mutate
+
+
+def _drop_condition(name: str) -> Callable[[Template], None]:
+    return lambda t: t["Resources"][name].pop("Condition")
 
 
 def _task_egress(t: Template) -> list[Any]:
@@ -923,13 +1184,87 @@ BREAKAGES = [
     pytest.param(check_ports, lambda t: _container(t)["PortMappings"].pop(), id="admin-port-not-mapped"),
     pytest.param(check_ports, lambda t: _props(t, "Service")["LoadBalancers"][0].__setitem__("ContainerPort", 9100),
                  id="service-lb-port"),
-    pytest.param(check_secrets, lambda t: _secret_statement(t).__setitem__("Resource", "*"), id="secrets-star"),
-    pytest.param(check_secrets, _grant_all_secrets, id="extra-secrets-statement"),
-    pytest.param(check_secrets, lambda t: _props(t, "TaskExecutionRole").__setitem__(
+    # sources: read by the proxy, polled, nothing injected or fixed in the task definition
+    pytest.param(check_sources_are_polled, _set_env("MTLS_PROXY_SERVER_CERT", "env:SERVER_CERT_PEM"),
+                 id="cert-from-env"),
+    pytest.param(check_sources_are_polled, lambda t: _container(t).__setitem__(
+        "Secrets", [{"Name": "SERVER_KEY_PEM", "ValueFrom": _ref("ServerKeySecretArn")}]), id="ecs-injected-secret"),
+    pytest.param(check_sources_are_polled, _set_env("MTLS_PROXY_SERVER_KEY", {"Fn::Sub": "secretsmanager:${ServerKeySecretArn}"}),
+                 id="key-from-empty-parameter"),
+    pytest.param(check_sources_are_polled, _drop_env("MTLS_PROXY_ALLOW_FROM"), id="no-rules-document"),
+    pytest.param(check_sources_are_polled, _add_env("MTLS_PROXY_ALLOW", "[]"), id="rules-in-task-definition"),
+    pytest.param(check_sources_are_polled, _set_env("MTLS_PROXY_SERVER_CRL", {"Fn::Sub": [
+        "s3://${Bucket}/pki/other.crl", {"Bucket": {"Fn::If": ["CreateConfigBucket", _ref("ConfigBucket"),
+                                                                _ref("ConfigBucketName")]}}]}), id="crl-fixed-key"),
+    pytest.param(check_sources_are_polled, _set_env("MTLS_PROXY_ALLOW_FROM", {"Fn::Sub": "s3://${ConfigBucket}/r.toml"}),
+                 id="rules-ignore-existing-bucket"),
+    pytest.param(check_sources_are_polled, _drop_env("MTLS_PROXY_SERVER_RELOAD_INTERVAL"), id="default-interval"),
+    pytest.param(check_sources_are_polled, lambda t: t["Parameters"]["ReloadInterval"].__setitem__("Default", 3600),
+                 id="interval-an-hour"),
+    pytest.param(check_sources_are_polled, lambda t: t["Parameters"]["ReloadInterval"].__setitem__("MinValue", 0),
+                 id="interval-may-be-0"),
+    # task role: exact ARNs, the calls the sources make, KMS only for a given key and through its service
+    pytest.param(check_task_role_least_privilege, lambda t: _task_statement(t, "ReadConfigObjects").__setitem__(
+        "Resource", "*"), id="objects-star"),
+    pytest.param(check_task_role_least_privilege, lambda t: _task_statement(t, "ReadConfigObjects").__setitem__(
+        "Resource", {"Fn::Sub": "arn:${AWS::Partition}:s3:::${ConfigBucket}/*"}), id="whole-bucket"),
+    pytest.param(check_task_role_least_privilege, lambda t: _task_statement(t, "ReadConfigObjects").__setitem__(
+        "Action", ["s3:GetObject", "s3:PutObject"]), id="task-may-write"),
+    pytest.param(check_task_role_least_privilege, lambda t: _task_statement(t, "ReadConfigObjects")["Resource"].pop(),
+                 id="crl-not-readable"),
+    pytest.param(check_task_role_least_privilege, _add_task_statement({
+        "Effect": "Allow", "Action": "s3:ListBucket", "Resource": {"Fn::GetAtt": ["ConfigBucket", "Arn"]}}),
+        id="list-bucket"),
+    pytest.param(check_task_role_least_privilege, lambda t: _task_statement(t, "ReadProxySecrets").__setitem__(
+        "Resource", "*"), id="secrets-star"),
+    pytest.param(check_task_role_least_privilege, lambda t: _task_statement(t, "ReadProxySecrets").__setitem__(
+        "Action", "secretsmanager:GetSecretValue"), id="no-describe-secret"),
+    pytest.param(check_task_role_least_privilege, lambda t: _task_statement(t, "ReadProxySecrets")["Resource"].pop(),
+                 id="client-ca-not-readable"),
+    pytest.param(check_task_role_least_privilege, _add_task_statement({
+        "Effect": "Allow", "Action": "secretsmanager:*", "Resource": "*"}), id="extra-secrets-statement"),
+    pytest.param(check_task_role_least_privilege, _unconditional_kms, id="kms-without-a-key"),
+    pytest.param(check_task_role_least_privilege, lambda t: _props(t, "TaskRole")["Policies"][0]["PolicyDocument"][
+        "Statement"][2]["Fn::If"][1].pop("Condition"), id="kms-any-service"),
+    pytest.param(check_task_role_least_privilege, lambda t: _props(t, "TaskRole")["Policies"][0]["PolicyDocument"][
+        "Statement"][3]["Fn::If"][1]["Condition"]["StringEquals"].__setitem__(
+        "kms:ViaService", {"Fn::Sub": "secretsmanager.${AWS::Region}.${AWS::URLSuffix}"}), id="kms-wrong-service"),
+    pytest.param(check_task_role_least_privilege, lambda t: _props(t, "TaskRole").__setitem__(
+        "ManagedPolicyArns", ["arn:aws:iam::aws:policy/AmazonS3ReadOnlyAccess"]), id="task-managed-policy"),
+    # execution role: no secrets any more
+    pytest.param(check_execution_role_reads_no_secrets, lambda t: _props(t, "TaskExecutionRole")["Policies"].append(
+        {"PolicyName": "x", "PolicyDocument": {"Statement": [{"Effect": "Allow", "Action": "secretsmanager:GetSecretValue",
+                                                             "Resource": _ref("ServerCertSecretArn")}]}}),
+        id="execution-role-reads-secrets"),
+    pytest.param(check_execution_role_reads_no_secrets, lambda t: _props(t, "TaskExecutionRole").__setitem__(
         "ManagedPolicyArns", ["arn:aws:iam::aws:policy/SecretsManagerReadWrite"]), id="managed-policy"),
-    pytest.param(check_secrets, _set_env("MTLS_PROXY_SERVER_KEY", "/etc/mtls-proxy/server.key"), id="key-not-env"),
-    pytest.param(check_secrets, lambda t: _container(t)["Secrets"][0].__setitem__("ValueFrom", "arn:aws:x"),
-                 id="secret-from-elsewhere"),
+    # the config bucket
+    pytest.param(check_config_bucket, lambda t: _bucket_props(t)["VersioningConfiguration"].__setitem__(
+        "Status", "Suspended"), id="versioning-suspended"),
+    pytest.param(check_config_bucket, lambda t: _bucket_props(t).pop("VersioningConfiguration"), id="unversioned"),
+    pytest.param(check_config_bucket, lambda t: _bucket_props(t)["PublicAccessBlockConfiguration"].__setitem__(
+        "BlockPublicPolicy", False), id="public-policy-allowed"),
+    pytest.param(check_config_bucket, lambda t: _bucket_props(t)["PublicAccessBlockConfiguration"].pop(
+        "RestrictPublicBuckets"), id="public-access-block-incomplete"),
+    pytest.param(check_config_bucket, lambda t: _bucket_props(t).pop("BucketEncryption"), id="no-default-encryption"),
+    pytest.param(check_config_bucket, lambda t: _bucket_sse(t).__setitem__(
+        "ServerSideEncryptionByDefault", {"SSEAlgorithm": "AES256"}), id="customer-key-ignored"),
+    pytest.param(check_config_bucket, lambda t: _tls_statement(t)["Condition"]["Bool"].__setitem__(
+        "aws:SecureTransport", "true"), id="denies-tls-instead"),
+    pytest.param(check_config_bucket, lambda t: _tls_statement(t).__setitem__(
+        "Resource", {"Fn::GetAtt": ["ConfigBucket", "Arn"]}), id="tls-only-for-the-bucket-not-objects"),
+    pytest.param(check_config_bucket, _drop_resource("ConfigBucketPolicy"), id="no-bucket-policy"),
+    pytest.param(check_config_bucket, lambda t: t["Resources"]["ConfigBucket"].__setitem__("DeletionPolicy", "Delete"),
+                 id="bucket-deleted-with-stack"),
+    pytest.param(check_config_bucket, _drop_condition("ConfigBucketPolicy"),
+                 id="policy-on-existing-bucket"),
+    pytest.param(check_config_bucket, lambda t: t["Parameters"]["RulesObjectKey"].__setitem__(
+        "AllowedPattern", "^.+$"), id="key-may-be-wildcard"),
+    # first deploy
+    pytest.param(check_first_deploy_without_tasks, _drop_condition("Service"), id="service-always"),
+    pytest.param(check_first_deploy_without_tasks, _drop_condition("RunningTasksAlarm"), id="alarm-without-tasks"),
+    pytest.param(check_first_deploy_without_tasks, lambda t: t["Resources"]["ConfigBucket"].__setitem__(
+        "Condition", "StartTasks"), id="bucket-only-with-tasks"),
     pytest.param(check_container_hardening, _set_container("ReadonlyRootFilesystem", False), id="writable-root"),
     pytest.param(check_container_hardening, lambda t: _container(t)["LinuxParameters"].pop("Tmpfs"), id="no-tmp"),
     pytest.param(check_container_hardening, _set_container("User", "root"), id="root-user"),
@@ -1074,37 +1409,34 @@ def test_checkov_suppression_check_detects_breakage(provider: Template, change: 
         check_checkov_suppressions(broken, readme)
 
 
-def _resolve(value: Any, t: Template, known: dict[str, str]) -> str:
-    """A template value as the task would see it, with resource ids from ``known`` and parameters' defaults."""
-    def lookup(name: str) -> str:
-        if name in known:
-            return known[name]
-        return str(t["Parameters"][name]["Default"])
-    if isinstance(value, (str, int)):
-        return str(value)
-    if "Ref" in value:
-        return lookup(value["Ref"])
-    if "Fn::Sub" in value:
-        return re.sub(r"\$\{([^}]+)\}", lambda m: lookup(m.group(1)), value["Fn::Sub"])
-    if "Fn::FindInMap" in value:
-        name, key, attribute = value["Fn::FindInMap"]
-        return str(t["Mappings"][name][_resolve(key, t, known)][attribute])
-    raise AssertionError(f"cannot resolve {value!r}")
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_task_environment_is_a_valid_proxy_config(provider: Template, scenario: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # The loader rejects unknown MTLS_PROXY_* names, bad values and sources it cannot parse: the task definition
+    # must describe a configuration the proxy actually starts with. The rules document is the one source the
+    # loader reads itself; here it is answered from SAMPLE_RULES, after checking where it would be read from.
+    d = Deployment(provider, **SCENARIOS[scenario])
+    environ = d.env()
+    read_from = []
 
+    def rules_from_s3(src: Any, env: Any, c: Any) -> list[Any]:
+        read_from.append(str(src))
+        return copy.deepcopy(SAMPLE_RULES)
 
-def test_task_environment_is_a_valid_proxy_config(provider: Template) -> None:
-    # The loader rejects unknown MTLS_PROXY_* names, bad values and unset env:NAME sources: the task definition
-    # must describe a configuration the proxy actually starts with (secrets injected, parameters at defaults).
-    known = {"RestApi": "a1b2c3d4e5", "AWS::Region": "eu-west-1", "AWS::URLSuffix": "amazonaws.com",
-             "AWS::StackName": "mtls-proxy", "AllowRules": SAMPLE_ALLOW}
-    environ = {name: _resolve(v, provider, known) for name, v in _env(provider).items()}
-    environ |= {s["Name"]: "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n"
-                for s in _items(_container(provider)["Secrets"])}
+    monkeypatch.setattr(rules_doc, "read_rules_document", rules_from_s3)
     cfg = load(None, environ)
+    assert read_from == [f"s3://{d.bucket}/{d.params['RulesObjectKey']}"]
     tls_port, admin_port = _tg_ports(provider)
     assert (cfg.server.listen.port, cfg.admin.listen.port) == (tls_port, admin_port)
     assert cfg.server.proxy_protocol is True
-    stop = float(_resolve(_container(provider)["StopTimeout"], provider, known))
+    assert cfg.server.reload_interval == float(d.params["ReloadInterval"])
+    assert cfg.server.cert.uri == f"secretsmanager:{CERT_ARN}"
+    assert cfg.server.key.uri == f"secretsmanager:{d.params['ServerKeySecretArn'] or CERT_ARN}"
+    assert cfg.server.client_ca.uri == f"secretsmanager:{CA_ARN}"
+    assert (cfg.server.crl.uri if cfg.server.crl else None) == (
+        f"s3://{d.bucket}/{d.params['CrlObjectKey']}" if d.params["CrlObjectKey"] else None)
+    assert cfg.allow_from is not None and cfg.allow_from.location.kind == "s3"
+    stop = float(d.value(_container(provider)["StopTimeout"]))
     assert cfg.upstream.read_timeout > 29 and cfg.server.shutdown_timeout >= cfg.upstream.read_timeout
     assert cfg.server.shutdown_timeout < stop
     assert cfg.server.workers == _workers(provider, provider["Parameters"]["TaskCpu"]["Default"])
