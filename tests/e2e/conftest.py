@@ -157,7 +157,8 @@ def fwd_assert_alive(fwd_client: Callable[..., Awaitable[RawClient]]) -> Callabl
     return check
 
 
-# ==== ops: admin/metrics, PROXY protocol, lifecycle, limits, workers (test_admin_metrics, test_proxy_protocol_wire, test_lifecycle, test_limits, test_workers) ====
+# ==== ops: admin port, PROXY protocol, lifecycle, limits, workers =================================================
+# (test_admin_metrics, test_proxy_protocol_wire, test_lifecycle, test_limits, test_workers)
 # ops              an ``Ops`` kit for one test: demo/scripted upstreams, configs, the real process (spawn) and
 #                  the in-process proxy with its admin port wired as ``server.run()`` wires it (start); all of it
 #                  is stopped at teardown.  Unhandled exceptions on the test's event loop fail the test.
