@@ -27,6 +27,7 @@ import signal
 import socket
 import time
 from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import config as config_mod
@@ -237,8 +238,13 @@ def _unreloadable_changes(old: Config, new: Config) -> list[str]:
     return changed
 
 
-async def run(cfg: Config, *, control_fd: int | None = None, runtime: Runtime | None = None) -> int:
+async def run(cfg: Config, *, control_fd: int | None = None, runtime: Runtime | None = None,
+              shutdown_trigger: Callable[[], Awaitable[None]] | None = None) -> int:
     """The whole life of one proxy process.  Returns the exit status.
+
+    ``shutdown_trigger``: when given, no SIGTERM/SIGINT handlers are installed; the server drains and stops once
+    the awaitable it returns completes (an embedding program or a test decides when).  Without it SIGTERM or
+    SIGINT starts the drain.
 
     With ``control_fd`` this is a worker of ``proxy.supervisor``: no admin port of its own, its state is
     reported over the control socket instead.  ``runtime``: the snapshot the command line already built (and
@@ -270,9 +276,18 @@ async def run(cfg: Config, *, control_fd: int | None = None, runtime: Runtime | 
         raise
     if admin is not None and admin.address is not None:
         log.info("admin listening", extra={"fields": {"address": f"{admin.address[0]}:{admin.address[1]}"}})
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    stop_signals = () if shutdown_trigger is not None else (signal.SIGTERM, signal.SIGINT)
+    for sig in stop_signals:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_now.set)
+    trigger: asyncio.Task[None] | None = None
+    if shutdown_trigger is not None:
+        async def _await_trigger() -> None:
+            try:
+                await shutdown_trigger()
+            finally:
+                stop.set()  # a trigger that fails still stops the server rather than leaving it running
+        trigger = loop.create_task(_await_trigger())
     watcher = loop.create_task(_watch(server, reload_now, stop))
     try:
         await stop.wait()
@@ -285,7 +300,9 @@ async def run(cfg: Config, *, control_fd: int | None = None, runtime: Runtime | 
             # so the requests finished during the drain are in its final lines.
             await control.next_answer(FINAL_POLL_WAIT)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        if trigger is not None and not trigger.done():
+            trigger.cancel()
+        for sig in (*stop_signals, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         if admin is not None:
             await admin.stop()

@@ -157,7 +157,8 @@ def fwd_assert_alive(fwd_client: Callable[..., Awaitable[RawClient]]) -> Callabl
     return check
 
 
-# ==== ops: issue 3 (test_admin_metrics, test_proxy_protocol_wire, test_lifecycle, test_limits, test_workers) ====
+# ==== ops: admin port, PROXY protocol, lifecycle, limits, workers =================================================
+# (test_admin_metrics, test_proxy_protocol_wire, test_lifecycle, test_limits, test_workers)
 # ops              an ``Ops`` kit for one test: demo/scripted upstreams, configs, the real process (spawn) and
 #                  the in-process proxy with its admin port wired as ``server.run()`` wires it (start); all of it
 #                  is stopped at teardown.  Unhandled exceptions on the test's event loop fail the test.
@@ -557,7 +558,7 @@ async def ops(pki: Pki, tmp_path: Path) -> AsyncIterator[Ops]:
     assert not unhandled, f"unhandled exceptions on the event loop: {unhandled}"
 
 
-# ==== auth: TLS/authentication, policy, identity headers, access log (issue 2 §1, §3, §5, §7) ===================
+# ==== auth: TLS client authentication, policy rules, identity headers, access log ===================================
 # (test_tls_auth.py, test_policy_e2e.py, test_identity_headers.py, test_access_log.py)
 # auth_upstream  a CountingUpstream: the demo upstream (it echoes method, raw path and every header it received)
 #                that also records each request, so a test can prove nothing reached it

@@ -418,3 +418,36 @@ async def test_no_reload_happens_without_a_signal_or_change(ops: Ops) -> None:
     await asyncio.sleep(0.5)  # several poll intervals (this is the behaviour under test, not a readiness wait)
     assert await rs.reloads() == {"success": 0, "error": 0}
     assert await _status(rs.proc.port, rs.server.client(ops.pki)) == 200
+
+
+async def test_run_drains_when_its_shutdown_trigger_completes(ops: Ops) -> None:
+    """``server.run(shutdown_trigger=...)``: the drain starts when the awaitable completes, no signal involved."""
+    from proxy import server as server_mod
+    from tests.harness import free_port
+
+    gated = GatedUpstream()
+    up = await ops.scripted(gated)
+    port = free_port()
+    cfg = config_mod.load(ops.config(up.port, server={"listen": f"127.0.0.1:{port}", "shutdown_timeout": 20.0}), {})
+    fire = asyncio.Event()
+    running = asyncio.create_task(server_mod.run(cfg, shutdown_trigger=fire.wait))
+    slow = await eventually(lambda: _connect_or_none(ops, port))
+    in_flight = asyncio.create_task(slow.request(get("/slow")))
+    await asyncio.wait_for(gated.got_slow.wait(), 10)
+
+    fire.set()
+    await eventually(lambda: refused(port))  # new connections are refused once the trigger has fired
+    assert not in_flight.done()
+    gated.gate.set()
+    resp = await asyncio.wait_for(in_flight, 10)
+    assert (resp.status, resp.body) == (200, b"slow")
+    assert await asyncio.wait_for(running, 20) == 0  # run() returns after the drain
+    assert await refused(port)
+    await slow.close()
+
+
+async def _connect_or_none(ops: Ops, port: int) -> RawClient | None:
+    try:
+        return await ops.client(port)
+    except OSError:
+        return None
