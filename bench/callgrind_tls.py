@@ -7,9 +7,11 @@ body, and a blocking TLS client.  Start-up and shutdown cost the same in every r
 divided by the difference of their counts is the cost of one more request (or handshake):
 
     python bench/callgrind_tls.py ka 1000 5000     # keep-alive GETs on one connection
+    python bench/callgrind_tls.py ka-traced 1000 5000   # the same, each GET with its own X-Amzn-Trace-Id
     python bench/callgrind_tls.py hs 100 300       # connections: full handshake, one GET, close_notify
 
-Prints both totals and the per-unit figure.  Needs valgrind and a PKI from ``mtls-proxy certs init`` (made in a
+``ka`` repeats one head byte for byte (as the yardstick's load generator and a polling client do); ``ka-traced``
+gives each request a distinct trace id (as most SDK clients do), so no two heads are the same.  Prints both totals and the per-unit figure.  Needs valgrind and a PKI from ``mtls-proxy certs init`` (made in a
 scratch directory when absent).  Everything listens on 127.0.0.1 only and each run stops by itself.
 """
 
@@ -142,12 +144,17 @@ def read_response(tls: ssl.SSLSocket, buf: bytes) -> bytes:
         buf += data
 
 
+def traced(i: int) -> bytes:
+    """REQUEST with a per-request trace id header of the X-Ray shape (the same length every time)."""
+    return REQUEST[:-2] + b"X-Amzn-Trace-Id: Root=1-67890abc-%024x\r\n\r\n" % i
+
+
 def drive(mode: str, n: int, port: int, ctx: ssl.SSLContext) -> None:
-    if mode == "ka":
+    if mode in ("ka", "ka-traced"):
         with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="localhost") as tls:
             buf = b""
-            for _ in range(n):
-                tls.sendall(REQUEST)
+            for i in range(n):
+                tls.sendall(REQUEST if mode == "ka" else traced(i))
                 buf = read_response(tls, buf)
         return
     for _ in range(n):  # a fresh session each time: every connection is a full handshake
@@ -185,6 +192,8 @@ def run(mode: str, n: int, pki_dir: Path, up_port: int) -> int:
 
 def main() -> None:
     mode, low, high = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    if mode not in ("ka", "ka-traced", "hs"):
+        raise SystemExit(f"mode: expected ka, ka-traced or hs, got {mode!r}")
     WORK.mkdir(parents=True, exist_ok=True)
     pki_dir = pki()
     stop = threading.Event()
@@ -192,7 +201,7 @@ def main() -> None:
     a = run(mode, low, pki_dir, up_port)
     b = run(mode, high, pki_dir, up_port)
     stop.set()
-    unit = "request" if mode == "ka" else "handshake"
+    unit = "handshake" if mode == "hs" else "request"
     print(f"{mode}: I({low}) = {a}  I({high}) = {b}  per {unit}: {(b - a) / (high - low):.0f} instructions")
 
 
