@@ -1,4 +1,4 @@
-"""End-to-end: the access log (issue 2, Behaviour 7).
+"""End-to-end: the access log, one JSON line per exchange or refusal, as the real proxy writes it.
 
 Owns: one JSON line per request with time, client subject and fingerprint, matched rule, method, path, status,
 bytes in/out, total and upstream duration and error code; lines for refused and failed requests; and that no

@@ -1,4 +1,4 @@
-"""The admin port as an operator and an NLB see it: /healthz, /readyz, /metrics (issue 3, "Admin port").
+"""The admin port as an operator and an NLB see it: /healthz, /readyz, /metrics.
 
 Owns: liveness and readiness (also while draining and while the upstream is down), both exposition formats
 with every metric name the issue lists, and metric values moving exactly as the traffic that caused them.

@@ -1,4 +1,4 @@
-"""Error behaviour end to end (issue 2, behaviour 6): what a client gets when the request or the upstream is bad.
+"""Error behaviour end to end: what a client gets when the request or the upstream is bad.
 
 Owns: the status and JSON body (``error``, ``message``) for malformed requests (400), unknown transfer codings
 (501), over-long request lines (414) and heads (431), bodies over ``max_body_bytes`` (413, by Content-Length before

@@ -1,4 +1,4 @@
-"""Forwarding to the upstream, end to end (issue 2, behaviour 4 and the hop-by-hop rule of 5).
+"""Forwarding to the upstream, end to end: what the API receives, and hop-by-hop headers never passed on.
 
 Owns: what the upstream receives and what the client gets back through a real in-process proxy: Host and SNI
 from ``upstream.url`` while dialling ``connect_to``, upstream certificate verification, ``x-apigw-api-id``, the
@@ -210,7 +210,8 @@ async def test_path_and_query_forwarded_byte_exact(target: bytes, fwd_scripted: 
 
 async def test_dot_segments_are_the_one_rewrite(fwd_scripted: StartScripted, fwd_proxy: StartProxy,
                                                 fwd_client: Connect) -> None:
-    # The policy matches the path without dot segments; the upstream must get exactly that path (issue 2 §3).
+    # The policy matches the path without dot segments; the upstream must get exactly that path, or a rule
+    # could be bypassed.
     log: Recorded = []
     up = await fwd_scripted(recorder(log))
     rp = await fwd_proxy(up.port)

@@ -1,4 +1,4 @@
-"""End-to-end: the identity the upstream receives, and that a client can never forge it (issue 2, Behaviour 5).
+"""End-to-end: the identity the upstream receives, and that a client can never forge it.
 
 Owns: X-Client-Cert-Subject (RFC 4514), -Fingerprint (lowercase SHA-256), -Serial (uppercase hex),
 X-Forwarded-Client-Cert (Envoy format), X-Forwarded-For (the peer address, replaced), X-Forwarded-Proto and

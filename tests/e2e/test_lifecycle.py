@@ -1,4 +1,4 @@
-"""Lifecycle of the real process: drain on SIGTERM, reload on SIGHUP and on file change (issue 3, "Lifecycle").
+"""Lifecycle of the real process: drain on SIGTERM, reload on SIGHUP and on file change.
 
 Owns: a slow in-flight request finishing with ``Connection: close`` while new connections are refused, idle
 keep-alive connections close and the process exits 0 within ``shutdown_timeout`` (also when a request outlives

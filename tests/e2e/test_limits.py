@@ -1,4 +1,4 @@
-"""Connection limits and timeouts against slow or greedy clients (issue 3, "Limits").
+"""Connection limits and timeouts against slow or greedy clients.
 
 Owns: ``max_connections`` (the next connection is reset at once and counted; the ones inside keep working; a
 freed slot is reusable), the slowloris classes (idle TCP, half a ClientHello, request headers trickled one byte

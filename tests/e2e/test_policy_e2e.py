@@ -1,4 +1,4 @@
-"""End-to-end: the ``[[allow]]`` rules through the real proxy (issue 2, Behaviour 3).
+"""End-to-end: the ``[[allow]]`` rules through the real proxy: deny unless a rule allows.
 
 Owns: AND within a rule, OR across rules, deny by default, methods, path globs, SAN and fingerprint matching,
 the 403 JSON body, "a refused request never reaches the upstream", dot-segment bypass attempts (matched after

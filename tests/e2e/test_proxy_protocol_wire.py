@@ -1,4 +1,4 @@
-"""PROXY protocol v2 on the wire (``server.proxy_protocol = true``), as an AWS NLB sends it (issue 3).
+"""PROXY protocol v2 on the wire (``server.proxy_protocol = true``), as an AWS NLB sends it.
 
 Owns: the exact-read contract between the PROXY header and TLS on one socket (header and ClientHello in ONE
 send(); header split over several segments with pauses), what the header's facts become (X-Forwarded-For,

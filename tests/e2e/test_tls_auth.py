@@ -1,4 +1,4 @@
-"""End-to-end: client authentication happens in the TLS handshake (issue 2, Behaviour 1).
+"""End-to-end: client authentication happens in the TLS handshake, refused with the right alert.
 
 Owns: every bad-certificate class refused *during* the handshake (the client receives OpenSSL's alert, never an
 HTTP status), counted under its ``tls_handshake_failures`` reason, with nothing reaching the upstream; the accepted

@@ -1,4 +1,4 @@
-"""``server.workers = 2``: a supervisor, two worker processes on one port, one admin port (issue 3, "Workers").
+"""``server.workers = 2``: a supervisor, two worker processes on one port, one admin port.
 
 Owns: both workers serving (the kernel spreads connections over the SO_REUSEPORT sockets: /proc shows which
 worker holds each established connection), /metrics on the supervisor's admin port adding up both workers,
