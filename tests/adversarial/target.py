@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.conftest import Samples, parse_samples
+from tests.e2e.kit import Samples, parse_samples
 from tests.harness import ROOT, ProxyProcess, free_port, spawn_proxy, terminate, write_config
 from tests.pki import Pki
 

@@ -31,7 +31,7 @@ import pytest
 from tests.adversarial.figures import Figures
 from tests.adversarial.recorder import RecordingUpstream
 from tests.adversarial.target import DemoUpstreamProcess, fds, metrics, settled_fds, spawn, wait_fds
-from tests.e2e.conftest import eventually
+from tests.e2e.kit import eventually
 from tests.harness import ProxyProcess, RawClient, client_ctx, free_port, get
 from tests.pki import Pki
 

@@ -42,7 +42,7 @@ from proxy.wire import proxy_protocol as pp_lib
 from tests.adversarial.figures import STORM_STAGES, Figures, StormRun
 from tests.adversarial.recorder import RecordingUpstream
 from tests.adversarial.target import metrics, settled_fds, spawn, wait_fds
-from tests.e2e.conftest import eventually
+from tests.e2e.kit import eventually
 from tests.harness import ProxyProcess, RawClient, client_ctx, get
 from tests.pki import Pki
 

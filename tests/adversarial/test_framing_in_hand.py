@@ -25,7 +25,7 @@ import pytest
 
 from tests.adversarial.recorder import RecordingUpstream
 from tests.adversarial.target import spawn
-from tests.e2e.conftest import eventually
+from tests.e2e.kit import eventually
 from tests.harness import ProxyProcess, RawClient, client_ctx
 from tests.pki import Pki
 

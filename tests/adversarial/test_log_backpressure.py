@@ -27,7 +27,7 @@ import pytest
 from proxy import config as config_mod
 from tests.adversarial.recorder import RecordingUpstream
 from tests.adversarial.target import metrics
-from tests.e2e.conftest import eventually
+from tests.e2e.kit import eventually
 from tests.harness import ROOT, ProxyProcess, RawClient, client_ctx, get, write_config
 from tests.pki import Pki
 

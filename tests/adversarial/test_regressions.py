@@ -30,7 +30,7 @@ import pytest
 
 from tests.adversarial.recorder import RecordingUpstream
 from tests.adversarial.target import metrics, settled_fds, spawn, wait_fds
-from tests.e2e.conftest import MemTLSClient, eventually
+from tests.e2e.kit import MemTLSClient, eventually
 from tests.harness import ProxyProcess, RawClient, client_ctx, get
 from tests.pki import Pki
 

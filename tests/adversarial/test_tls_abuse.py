@@ -39,7 +39,7 @@ from proxy.wire import proxy_protocol as pp
 from tests.adversarial.hostile_certs import PLACEHOLDER, Credential, HostileCA, attribute
 from tests.adversarial.recorder import Received, RecordingUpstream
 from tests.adversarial.target import metrics, settled_fds, spawn, wait_fds
-from tests.e2e.conftest import MemTLSClient, eventually
+from tests.e2e.kit import MemTLSClient, eventually
 from tests.harness import ProxyProcess, client_ctx
 from tests.pki import Pki
 

@@ -1,47 +1,31 @@
 """Fixtures for the end-to-end tests in tests/e2e/ (the ``pki`` fixture comes from tests/conftest.py).
 
-Owns: fixtures shared by more than one e2e module, one marked section per group of modules.
+Owns: one event-loop error recorder (``loop_errors``) and one kit per test (``ops``: tests/e2e/kit.py starts and
+stops every upstream, proxy, process and client); the other fixtures are thin names over that kit for the
+groups of modules that use them.
 Must not: hold module-level mutable state; every fixture stops and closes what it started.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ssl
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 import uvloop
 
-from proxy import config as config_mod
-from tests.harness import (
-    Handler,
-    RawClient,
-    RunningProxy,
-    ScriptedUpstream,
-    client_ctx,
-    get,
-    start_demo_upstream,
-    start_proxy,
-    stop_proxy,
-    write_config,
-)
-from tests.pki import Pki, UpstreamKind
+from tests.e2e.kit import CountingUpstream, CurlResult, Ops, SniUpstream
+from tests.harness import RawClient, RunningProxy, get
+from tests.pki import Pki
 
-# ==== forwarding and errors (test_forwarding.py, test_errors.py) =========================================
-# fwd_loop_errors  every exception the event loop could not deliver (a proxy callback that raised) fails the test
-# fwd_demo         port of a running demo upstream (proxy.dev.demo_upstream, upstream CA, names api.test/localhost)
-# fwd_scripted     async (handler, which="good") -> SniUpstream: a ScriptedUpstream that records the SNI it saw
-# fwd_proxy        async (upstream_port, **write_config sections) -> RunningProxy, stopped at teardown
-# fwd_client       async (proxy, name="good") -> RawClient, closed at teardown
-# fwd_assert_alive async (proxy) -> None: a fresh connection still gets 200 (the proxy survived)
 # Tests marked ``@pytest.mark.asyncio(loop_factories=["asyncio", "uvloop"])`` run on both loops (production
 # uses uvloop; the TLS transport is driven by readiness callbacks whose timing differs between the two).
-
 LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+CURL = "/usr/bin/curl"
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
@@ -52,36 +36,10 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
     return {"asyncio": asyncio.new_event_loop}
 
 
-@dataclass
-class _RecordingSource:
-    """Stands in for ``Pki`` inside ScriptedUpstream: hands out a server context that records each SNI."""
-
-    pki: Pki
-    which: UpstreamKind
-    sni: list[str | None]
-
-    def upstream_server_context(self) -> ssl.SSLContext:
-        ctx = self.pki.upstream_server_context(self.which)
-        ctx.sni_callback = self._record
-        return ctx
-
-    def _record(self, _sslobj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
-        self.sni.append(name)
-
-
-@dataclass
-class SniUpstream(ScriptedUpstream):
-    """A ScriptedUpstream presenting the ``which`` certificate; ``sni`` lists the server name of each ClientHello."""
-
-    which: UpstreamKind = "good"
-    sni: list[str | None] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.pki = _RecordingSource(self.pki, self.which, self.sni)  # type: ignore[assignment]
-
-
 @pytest.fixture
-async def fwd_loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
+async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
+    """Every exception the event loop could not deliver (a proxy callback that raised); any fails the test.
+    Torn down after the kit, so errors raised while proxies stop are caught too."""
     loop = asyncio.get_running_loop()
     seen: list[dict[str, Any]] = []
 
@@ -96,59 +54,47 @@ async def fwd_loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
 
 
 @pytest.fixture
-async def fwd_demo(pki: Pki) -> AsyncIterator[int]:
-    runner, port = await start_demo_upstream(pki)
-    yield port
-    await runner.cleanup()
+async def ops(pki: Pki, tmp_path: Path, loop_errors: list[dict[str, Any]]) -> AsyncIterator[Ops]:
+    """The kit for one test; everything it started is stopped at teardown."""
+    kit = Ops(pki, tmp_path)
+    try:
+        yield kit
+    finally:
+        await kit.close()
+
+
+# -- forwarding and errors (test_forwarding.py, test_errors.py) ---------------------------------------------
+
+@pytest.fixture
+async def fwd_demo(ops: Ops) -> int:
+    """Port of a running demo upstream (upstream CA, names api.test/localhost)."""
+    return await ops.upstream()
 
 
 @pytest.fixture
-async def fwd_scripted(pki: Pki) -> AsyncIterator[Callable[..., Awaitable[SniUpstream]]]:
-    started: list[SniUpstream] = []
-
-    async def start(handler: Handler, which: UpstreamKind = "good") -> SniUpstream:
-        up = SniUpstream(pki, handler, which=which)
-        await up.start()
-        started.append(up)
-        return up
-
-    yield start
-    for up in started:
-        await up.stop()
+def fwd_scripted(ops: Ops) -> Callable[..., Awaitable[SniUpstream]]:
+    """async (handler, which="good") -> a scripted upstream that records the SNI it saw."""
+    return ops.scripted
 
 
 @pytest.fixture
-async def fwd_proxy(pki: Pki, tmp_path: Any, fwd_loop_errors: list[dict[str, Any]]
-                    ) -> AsyncIterator[Callable[..., Awaitable[RunningProxy]]]:
-    started: list[RunningProxy] = []
-
-    async def start(upstream_port: int, **sections: Any) -> RunningProxy:
-        path = write_config(tmp_path / f"fwd-proxy-{len(started)}.toml", pki, upstream_port, **sections)
-        rp = await start_proxy(config_mod.load(path, {}))
-        started.append(rp)
-        return rp
-
-    yield start
-    for rp in started:
-        await stop_proxy(rp)
+def fwd_proxy(ops: Ops) -> Callable[..., Awaitable[RunningProxy]]:
+    """async (upstream_port, **write_config sections) -> RunningProxy."""
+    return ops.proxy
 
 
 @pytest.fixture
-async def fwd_client(pki: Pki) -> AsyncIterator[Callable[..., Awaitable[RawClient]]]:
-    clients: list[RawClient] = []
-
+def fwd_client(ops: Ops) -> Callable[..., Awaitable[RawClient]]:
+    """async (proxy, name="good") -> RawClient."""
     async def connect(rp: RunningProxy, name: str = "good") -> RawClient:
-        c = await RawClient.connect(rp.port, client_ctx(pki, name))
-        clients.append(c)
-        return c
+        return await ops.client(rp.port, name)
 
-    yield connect
-    for c in clients:
-        await c.close()
+    return connect
 
 
 @pytest.fixture
 def fwd_assert_alive(fwd_client: Callable[..., Awaitable[RawClient]]) -> Callable[[RunningProxy], Awaitable[None]]:
+    """async (proxy) -> None: a fresh connection still gets 200 (the proxy survived)."""
     async def check(rp: RunningProxy) -> None:
         c = await fwd_client(rp)
         resp = await c.request(get("/alive", extra=b"Connection: close\r\n"))
@@ -157,513 +103,26 @@ def fwd_assert_alive(fwd_client: Callable[..., Awaitable[RawClient]]) -> Callabl
     return check
 
 
-# ==== ops: admin port, PROXY protocol, lifecycle, limits, workers =================================================
-# (test_admin_metrics, test_proxy_protocol_wire, test_lifecycle, test_limits, test_workers)
-# ops              an ``Ops`` kit for one test: demo/scripted upstreams, configs, the real process (spawn) and
-#                  the in-process proxy with its admin port wired as ``server.run()`` wires it (start); all of it
-#                  is stopped at teardown.  Unhandled exceptions on the test's event loop fail the test.
-# Importable helpers (``from tests.e2e.conftest import ...``): Samples/scrape (parsed /metrics), admin_request
-# (raw HTTP to the admin port, optionally behind a PROXY v2 header), GatedUpstream (a scripted upstream
-# handler that holds /slow requests until the test opens the gate), MemTLSClient (TLS over ssl.MemoryBIO: the
-# test decides which bytes go into which send()), eventually (poll, never sleep), refused (nothing listens
-# on a port), children (worker pids).
-import os  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Mapping  # noqa: E402
-from pathlib import Path  # noqa: E402
+# -- auth: TLS client authentication, policy rules, identity headers, access log ------------------------------
 
-from prometheus_client.openmetrics.parser import text_string_to_metric_families as _parse_openmetrics  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families as _parse_prometheus  # noqa: E402
-
-from proxy.admin import AdminServer  # noqa: E402
-from tests.harness import ProxyProcess, Response, read_request, spawn_proxy  # noqa: E402
-
-Labels = frozenset[tuple[str, str]]
-
-
-@dataclass(frozen=True, slots=True)
-class Samples:
-    """One parsed scrape: family name -> type, and (sample name, labels) -> value."""
-
-    types: Mapping[str, str]
-    values: Mapping[tuple[str, Labels], float]
-
-    def get(self, name: str, **labels: str) -> float:
-        """The sample's value; 0.0 when the series is absent (a counter that never moved)."""
-        return self.values.get((name, frozenset(labels.items())), 0.0)
-
-    def has(self, name: str, **labels: str) -> bool:
-        return (name, frozenset(labels.items())) in self.values
-
-    def series(self, name: str) -> dict[Labels, float]:
-        return {labels: v for (n, labels), v in self.values.items() if n == name}
-
-
-def parse_samples(text: str, openmetrics: bool = False) -> Samples:
-    parser = _parse_openmetrics if openmetrics else _parse_prometheus
-    types: dict[str, str] = {}
-    values: dict[tuple[str, Labels], float] = {}
-    for fam in parser(text):
-        types[fam.name] = fam.type
-        for s in fam.samples:
-            values[(s.name, frozenset(s.labels.items()))] = s.value
-    return Samples(types, values)
-
-
-@dataclass(frozen=True, slots=True)
-class AdminReply:
-    status: int
-    content_type: str
-    body: str
-
-
-async def admin_request(addr: tuple[str, int], path: str, *, accept: str | None = None, prefix: bytes = b"",
-                        method: str = "GET", timeout: float = 5.0) -> AdminReply:
-    """One plain HTTP/1.1 request to the admin port; ``prefix`` (a PROXY v2 header) goes first, same send()."""
-    async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection(*addr)
-        try:
-            head = f"{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n"
-            if accept is not None:
-                head += f"Accept: {accept}\r\n"
-            writer.write(prefix + head.encode() + b"\r\n")
-            raw = await reader.read()
-        finally:
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except ConnectionError:
-                pass
-    resp = parse_response(raw)
-    return AdminReply(resp.status, resp.header("content-type") or "", resp.body.decode())
-
-
-async def scrape(addr: tuple[str, int], openmetrics: bool = False) -> Samples:
-    accept = "application/openmetrics-text; version=1.0.0" if openmetrics else None
-    reply = await admin_request(addr, "/metrics", accept=accept)
-    assert reply.status == 200, reply
-    return parse_samples(reply.body, openmetrics)
-
-
-def parse_response(raw: bytes) -> Response:
-    """A complete HTTP/1.1 response (Content-Length, chunked or read to EOF) from bytes."""
-    end = raw.find(b"\r\n\r\n")
-    if end < 0:
-        raise ValueError(f"no complete response head in {raw[:200]!r}")
-    lines = raw[:end].split(b"\r\n")
-    _, status, *reason = lines[0].split(b" ", 2)
-    headers = [tuple(x.strip() for x in ln.split(b":", 1)) for ln in lines[1:]]
-    resp = Response(int(status), reason[0] if reason else b"", headers, b"", raw[:end + 4])  # type: ignore[arg-type]
-    rest = raw[end + 4:]
-    cl = resp.header("content-length")
-    if cl is not None:
-        resp.body = rest[:int(cl)]
-    elif "chunked" in (resp.header("transfer-encoding") or ""):
-        body = b""
-        while True:
-            size_line, _, rest = rest.partition(b"\r\n")
-            size = int(size_line.split(b";")[0], 16)
-            if size == 0:
-                break
-            body, rest = body + rest[:size], rest[size + 2:]
-        resp.body = body
-    else:
-        resp.body = rest
-    return resp
-
-
-@dataclass
-class GatedUpstream:
-    """Answers at once, except ``/slow`` requests: those wait until the test opens the gate."""
-
-    got_slow: asyncio.Event = field(default_factory=asyncio.Event)
-    gate: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:  # keep-alive: the proxy pools upstream connections
-            head, _ = await read_request(reader)
-            if b"/slow " in head.split(b"\r\n", 1)[0]:
-                self.got_slow.set()
-                await asyncio.wait_for(self.gate.wait(), 60)
-                body = b"slow"
-            else:
-                body = b"fast"
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-            await writer.drain()
-
-
-class MemTLSClient:
-    """TLS through ``ssl.MemoryBIO`` over a plain TCP stream: the test owns every byte and every send().
-
-    ``client_hello()`` returns the first flight without sending it, so a test can put a PROXY v2 header and the
-    ClientHello into ONE write (asyncio sends it with one send() on a TCP_NODELAY socket), as an NLB does.
-    """
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ctx: ssl.SSLContext,
-                 hostname: str) -> None:
-        self.reader, self.writer = reader, writer
-        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.tls = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname=hostname)
-        self.plain = b""
-
-    @classmethod
-    async def connect(cls, port: int, ctx: ssl.SSLContext, hostname: str = "localhost") -> MemTLSClient:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        return cls(reader, writer, ctx, hostname)
-
-    def client_hello(self) -> bytes:
-        try:
-            self.tls.do_handshake()
-        except ssl.SSLWantReadError:
-            pass
-        hello = self.outgoing.read()
-        assert hello[:1] == b"\x16", hello[:8]  # a TLS handshake record
-        return hello
-
-    async def send_raw(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def _flush(self) -> None:
-        data = self.outgoing.read()
-        if data:
-            await self.send_raw(data)
-
-    async def handshake(self, timeout: float = 10.0) -> None:
-        """Finish the handshake (the ClientHello must already be sent or be pending in the BIO)."""
-        async with asyncio.timeout(timeout):
-            while True:
-                try:
-                    self.tls.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    pass
-                await self._flush()
-                data = await self.reader.read(65536)
-                if not data:
-                    raise ConnectionError("peer closed during the TLS handshake")
-                self.incoming.write(data)
-            await self._flush()
-
-    def peer_cert_der(self) -> bytes:
-        der = self.tls.getpeercert(binary_form=True)
-        assert der is not None
-        return der
-
-    async def _recv(self) -> bytes:
-        """Next plaintext bytes; b"" on close_notify or TCP end."""
-        while True:
-            try:
-                data = self.tls.read(65536)
-                await self._flush()  # TLS 1.3 post-handshake messages may need an answer
-                return data
-            except ssl.SSLWantReadError:
-                pass
-            except ssl.SSLZeroReturnError:
-                return b""
-            raw = await self.reader.read(65536)
-            if not raw:
-                return b""
-            self.incoming.write(raw)
-
-    async def request(self, data: bytes, timeout: float = 10.0) -> Response:
-        self.tls.write(data)
-        await self._flush()
-        async with asyncio.timeout(timeout):
-            while True:
-                try:
-                    resp = parse_response(self.plain)
-                    cl = resp.header("content-length")
-                    if cl is not None and len(resp.body) == int(cl):
-                        self.plain = self.plain[len(resp.raw_head) + int(cl):]
-                        return resp
-                except ValueError:
-                    pass
-                chunk = await self._recv()
-                if not chunk:
-                    raise ConnectionError(f"closed before a complete response: {self.plain[:200]!r}")
-                self.plain += chunk
-
-    async def closed_by_peer(self, timeout: float = 5.0) -> bool:
-        try:
-            async with asyncio.timeout(timeout):
-                return await self._recv() == b""
-        except (ConnectionError, ssl.SSLError):
-            return True
-
-    async def close(self) -> None:
-        self.writer.close()
-        try:
-            await self.writer.wait_closed()
-        except (ConnectionError, ssl.SSLError):
-            pass
-
-
-async def eventually(probe: Callable[[], Awaitable[Any]], timeout: float = 15.0, interval: float = 0.05) -> Any:
-    """Poll ``probe`` until it returns something truthy; fail with its last value after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s (last: {value!r})")
-        await asyncio.sleep(interval)
-
-
-async def refused(port: int) -> bool:
-    """True when nothing listens on ``port`` any more (the connection is refused)."""
-    try:
-        _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except ConnectionRefusedError:
-        return True
-    except ConnectionResetError:
-        return False  # queued just as a listener closed: not yet the steady state, poll again
-    writer.close()
-    return False
-
-
-def children(pid: int) -> list[int]:
-    """Live (non-zombie) child processes of ``pid``, from /proc."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-        if int(fields[1]) == pid and fields[0] != "Z":
-            out.append(int(entry))
-    return sorted(out)
-
-
-@dataclass
-class InProcess:
-    """A ProxyServer on the test's loop plus its admin port, wired as ``server.run()`` wires them."""
-
-    rp: RunningProxy
-    admin: AdminServer
-
-    @property
-    def port(self) -> int:
-        return self.rp.port
-
-    @property
-    def admin_addr(self) -> tuple[str, int]:
-        assert self.admin.address is not None
-        return self.admin.address
-
-    @property
-    def server(self) -> Any:
-        return self.rp.server
-
-    def access(self) -> list[dict[str, Any]]:
-        return self.rp.access()
-
-
-def admin_addr(proc: ProxyProcess) -> tuple[str, int]:
-    a = proc.cfg.admin.listen
-    return (a.host, proc.bound_admin_port or a.port)
-
-
-class Ops:
-    """What one ops test starts; ``close()`` stops all of it (processes first, so nothing outlives the test)."""
-
-    def __init__(self, pki: Pki, tmp: Path) -> None:
-        self.pki = pki
-        self.tmp = tmp
-        self._n = 0
-        self._runners: list[Any] = []
-        self._scripted: list[ScriptedUpstream] = []
-        self.procs: list[ProxyProcess] = []
-        self._inproc: list[InProcess] = []
-
-    async def upstream(self, which: UpstreamKind = "good") -> int:
-        runner, port = await start_demo_upstream(self.pki, which)
-        self._runners.append(runner)
-        return port
-
-    async def scripted(self, handler: Handler) -> ScriptedUpstream:
-        up = await ScriptedUpstream(self.pki, handler).start()
-        self._scripted.append(up)
-        return up
-
-    def config(self, upstream_port: int, **sections: Any) -> Path:
-        self._n += 1
-        return write_config(self.tmp / f"ops-{self._n}.toml", self.pki, upstream_port, **sections)
-
-    async def spawn(self, config: Path, env: dict[str, str] | None = None) -> ProxyProcess:
-        """The real ``python -m proxy serve`` (blocking start-up runs in a thread: the upstream shares our loop)."""
-        proc = await asyncio.to_thread(spawn_proxy, config, self.tmp, env)
-        self.procs.append(proc)
-        return proc
-
-    async def start(self, config: Path) -> InProcess:
-        rp = await start_proxy(config_mod.load(config, {}))
-        server = rp.server
-        admin = AdminServer(rp.cfg.admin.listen, proxy_protocol=rp.cfg.server.proxy_protocol,
-                            ready=lambda: server.ready, snapshots=lambda: [server.metrics.snapshot()])
-        await admin.start()
-        ip = InProcess(rp, admin)
-        self._inproc.append(ip)
-        return ip
-
-    async def client(self, port: int, name: str | None = "good") -> RawClient:
-        return await RawClient.connect(port, client_ctx(self.pki, name))
-
-    async def close(self) -> None:
-        for proc in self.procs:
-            kids = children(proc.proc.pid)  # before the parent dies: orphans are re-parented
-            if proc.proc.poll() is None:
-                proc.proc.send_signal(signal.SIGTERM)  # a graceful end closes upstream connections cleanly
-                try:
-                    await asyncio.to_thread(proc.proc.wait, 30)
-                except subprocess.TimeoutExpired:
-                    proc.proc.kill()
-                    await asyncio.to_thread(proc.proc.wait)
-            for kid in kids:
-                try:
-                    os.kill(kid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for ip in self._inproc:
-            await stop_proxy(ip.rp)
-            await ip.admin.stop()
-        for up in self._scripted:
-            await up.stop()
-        for runner in self._runners:
-            await runner.cleanup()
+@pytest.fixture
+async def auth_upstream(ops: Ops) -> CountingUpstream:
+    """The demo upstream (it echoes method, raw path and headers) recording each request it received."""
+    return await ops.recording_upstream()
 
 
 @pytest.fixture
-async def ops(pki: Pki, tmp_path: Path) -> AsyncIterator[Ops]:
-    loop = asyncio.get_running_loop()
-    unhandled: list[dict[str, Any]] = []
-
-    def record(lp: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        unhandled.append(context)
-        lp.default_exception_handler(context)
-
-    loop.set_exception_handler(record)
-    kit = Ops(pki, tmp_path)
-    try:
-        yield kit
-    finally:
-        await kit.close()
-        loop.set_exception_handler(None)
-    assert not unhandled, f"unhandled exceptions on the event loop: {unhandled}"
-
-
-# ==== auth: TLS client authentication, policy rules, identity headers, access log ===================================
-# (test_tls_auth.py, test_policy_e2e.py, test_identity_headers.py, test_access_log.py)
-# auth_upstream  a CountingUpstream: the demo upstream (it echoes method, raw path and every header it received)
-#                that also records each request, so a test can prove nothing reached it
-# auth_proxy     async (**write_config sections) -> RunningProxy in front of auth_upstream (or upstream_port=...),
-#                stopped at teardown; unhandled exceptions on the test's loop fail the test
-# auth_curl      async (*args) -> CurlResult: the real /usr/bin/curl, without ~/.curlrc or proxy variables
-# Importable: CountingUpstream, CurlResult, Echo / echo_of (the demo upstream's echo, parsed)
-import json  # noqa: E402
-
-from aiohttp import web  # noqa: E402
-
-from proxy.dev import demo_upstream  # noqa: E402
-
-CURL = "/usr/bin/curl"
-
-
-@dataclass
-class CountingUpstream:
-    """The demo upstream (API id ``api``, stage ``prod``) plus the (method, raw target) of every request."""
-
-    port: int
-    requests: list[tuple[str, str]]
-
-
-@dataclass(frozen=True, slots=True)
-class Echo:
-    """What the demo upstream answered for an echoed request: the target and headers it received."""
-
-    path: str
-    headers: tuple[tuple[str, str], ...]
-
-    def all(self, name: str) -> list[str]:
-        n = name.lower()
-        return [v for k, v in self.headers if k.lower() == n]
-
-    def one(self, name: str) -> str:
-        values = self.all(name)
-        assert len(values) == 1, f"{name}: expected exactly one, got {values}"
-        return values[0]
-
-
-def echo_of(body: bytes | str) -> Echo:
-    data = json.loads(body)
-    return Echo(data["path"], tuple((k, v) for k, v in data["headers"]))
-
-
-@dataclass(frozen=True, slots=True)
-class CurlResult:
-    returncode: int
-    stdout: bytes
-    stderr: str
-
-
-@pytest.fixture
-async def auth_upstream(pki: Pki) -> AsyncIterator[CountingUpstream]:
-    seen: list[tuple[str, str]] = []
-
-    @web.middleware
-    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
-        seen.append((request.method, request.raw_path))
-        return await handler(request)
-
-    app = demo_upstream.make_app(api_id="api", stage="prod")
-    app.middlewares.append(record)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0,
-                       ssl_context=demo_upstream.server_context(str(pki.upstream_cert), str(pki.upstream_key)))
-    await site.start()
-    port = runner.addresses[0][1]
-    yield CountingUpstream(port, seen)
-    await runner.cleanup()
-
-
-@pytest.fixture
-async def auth_proxy(pki: Pki, tmp_path: Path, auth_upstream: CountingUpstream
-                     ) -> AsyncIterator[Callable[..., Awaitable[RunningProxy]]]:
-    loop = asyncio.get_running_loop()
-    unhandled: list[dict[str, Any]] = []
-
-    def record(lp: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        unhandled.append(context)
-        lp.default_exception_handler(context)
-
-    loop.set_exception_handler(record)
-    started: list[RunningProxy] = []
-
+def auth_proxy(ops: Ops, auth_upstream: CountingUpstream) -> Callable[..., Awaitable[RunningProxy]]:
+    """async (upstream_port=auth_upstream, **write_config sections) -> RunningProxy."""
     async def start(upstream_port: int | None = None, **sections: Any) -> RunningProxy:
-        path = write_config(tmp_path / f"auth-proxy-{len(started)}.toml", pki,
-                            auth_upstream.port if upstream_port is None else upstream_port, **sections)
-        rp = await start_proxy(config_mod.load(path, {}))
-        started.append(rp)
-        return rp
+        return await ops.proxy(auth_upstream.port if upstream_port is None else upstream_port, **sections)
 
-    try:
-        yield start
-    finally:
-        for rp in started:
-            await stop_proxy(rp)
-        loop.set_exception_handler(None)
-    assert not unhandled, f"unhandled exceptions on the event loop: {unhandled}"
+    return start
 
 
 @pytest.fixture
 def auth_curl() -> Callable[..., Awaitable[CurlResult]]:
+    """async (*args) -> CurlResult: the real /usr/bin/curl, without ~/.curlrc or proxy variables."""
     if not os.access(CURL, os.X_OK):
         pytest.skip(f"{CURL} is not installed")
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "CURL_HOME"}

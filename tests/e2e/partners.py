@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 
 from proxy.dev import demo_upstream
 from tests.certificate_request import CertificateRequest, from_s_client
-from tests.e2e.conftest import Echo, echo_of
+from tests.e2e.kit import Echo, echo_of
 from tests.pki import ClientCert, Pki
 
 CLIENTS_DIR = Path(__file__).resolve().parent / "clients"

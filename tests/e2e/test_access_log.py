@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from tests.e2e.conftest import CountingUpstream
+from tests.e2e.kit import CountingUpstream
 from tests.harness import RawClient, RunningProxy, client_ctx, free_port, get
 from tests.pki import Pki
 

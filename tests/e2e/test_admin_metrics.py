@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from tests.e2e.conftest import Ops, admin_addr, admin_request, eventually, parse_samples, scrape
+from tests.e2e.kit import Ops, admin_addr, admin_request, eventually, parse_samples, scrape
 from tests.harness import RawClient, client_ctx, free_port, get, read_request
 
 # Every metric the issue names, with its Prometheus type and the label names its samples carry.

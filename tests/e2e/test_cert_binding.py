@@ -22,7 +22,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from tests.e2e.conftest import CountingUpstream, Echo, Ops, echo_of
+from tests.e2e.kit import CountingUpstream, Echo, Ops, echo_of
 from tests.harness import ProxyProcess, RawClient, client_ctx, get
 from tests.pki import Pki
 

@@ -18,7 +18,7 @@ import ssl
 
 import pytest
 
-from tests.e2e.conftest import Ops, eventually, scrape
+from tests.e2e.kit import Ops, eventually, scrape
 from tests.harness import client_ctx, get
 
 BOTH_LOOPS = pytest.mark.asyncio(loop_factories=["asyncio", "uvloop"])

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from tests.e2e.conftest import Ops, admin_addr, eventually, scrape
+from tests.e2e.kit import Ops, admin_addr, eventually, scrape
 from tests.emf_spec import check_line, metric_values
 from tests.harness import ProxyProcess, get
 

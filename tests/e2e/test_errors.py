@@ -7,7 +7,7 @@ upstream or bad upstream TLS (502), no response head within ``read_timeout`` (50
 the upstream (502); an upstream that dies mid-body (the client connection is aborted, never a complete-looking
 response); and that no request, however malformed, crashes the proxy or leaks a traceback.
 
-Every test runs with ``fwd_loop_errors``: an exception escaping a proxy callback onto the event loop fails it.
+Every test runs with ``loop_errors``: an exception escaping a proxy callback onto the event loop fails it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from proxy.wire.http1 import MAX_HEAD
-from tests.e2e.conftest import SniUpstream
+from tests.e2e.kit import SniUpstream
 from tests.harness import Handler, RawClient, Response, RunningProxy, client_ctx, free_port, get, read_request
 from tests.pki import Pki
 

@@ -24,7 +24,7 @@ import aiohttp
 import pytest
 
 from proxy.dev.demo_upstream import PATTERN, pattern_bytes
-from tests.e2e.conftest import SniUpstream
+from tests.e2e.kit import SniUpstream
 from tests.harness import Handler, RawClient, RunningProxy, client_ctx, get, read_request
 from tests.pki import Pki
 

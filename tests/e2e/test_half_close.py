@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.e2e.conftest import InProcess, Ops, eventually, parse_response, scrape
+from tests.e2e.kit import InProcess, Ops, eventually, parse_response, scrape
 from tests.harness import client_ctx, read_request
 
 BOTH_LOOPS = pytest.mark.asyncio(loop_factories=["asyncio", "uvloop"])

@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 from cryptography import x509
 
-from tests.e2e.conftest import Echo, echo_of
+from tests.e2e.kit import Echo, echo_of
 from tests.harness import RawClient, RunningProxy, ScriptedUpstream, client_ctx, get, read_request
 from tests.pki import WEIRD_CN, WEIRD_DNS, WEIRD_O, WEIRD_URI, ClientCert, Pki
 

@@ -28,7 +28,7 @@ import trustme
 from cryptography import x509
 
 from proxy import config as config_mod
-from tests.e2e.conftest import GatedUpstream, Ops, admin_addr, admin_request, eventually, refused, scrape
+from tests.e2e.kit import GatedUpstream, Ops, admin_addr, admin_request, eventually, refused, scrape
 from tests.harness import ProxyProcess, RawClient, get, write_config
 from tests.pki import ClientCert, Pki
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.e2e.conftest import InProcess, MemTLSClient, Ops, eventually, scrape
+from tests.e2e.kit import InProcess, MemTLSClient, Ops, eventually, scrape
 from tests.harness import RawClient, client_ctx, get
 
 MARGIN = 10.0  # seconds a close may take beyond its configured timeout on a busy machine

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.conftest import Ops, admin_addr, admin_request, eventually, scrape
+from tests.e2e.kit import Ops, admin_addr, admin_request, eventually, scrape
 from tests.e2e.test_workers import workers_of
 from tests.harness import ProxyProcess, RawClient, get
 from tests.pki import ClientCert, Pki

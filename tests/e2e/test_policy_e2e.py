@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import CountingUpstream, echo_of
+from tests.e2e.kit import CountingUpstream, echo_of
 from tests.harness import RawClient, Response, RunningProxy, client_ctx
 from tests.pki import Pki
 

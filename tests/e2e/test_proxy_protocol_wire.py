@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from proxy.wire import proxy_protocol as pp
-from tests.e2e.conftest import InProcess, MemTLSClient, Ops, admin_addr, admin_request, eventually, scrape
+from tests.e2e.kit import InProcess, MemTLSClient, Ops, admin_addr, admin_request, eventually, scrape
 from tests.harness import client_ctx, get
 
 BOTH_LOOPS = pytest.mark.asyncio(loop_factories=["asyncio", "uvloop"])

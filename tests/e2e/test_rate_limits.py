@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from tests.e2e.conftest import CountingUpstream, Ops, admin_addr, scrape
+from tests.e2e.kit import CountingUpstream, Ops, admin_addr, scrape
 from tests.harness import ProxyProcess, RawClient, get
 from tests.pki import Pki
 

@@ -28,7 +28,7 @@ import aiohttp
 import pytest
 
 from proxy.config import DEFAULT_CIPHERS
-from tests.e2e.conftest import CountingUpstream, CurlResult, echo_of, eventually, parse_response
+from tests.e2e.kit import CountingUpstream, CurlResult, echo_of, eventually, parse_response
 from tests.harness import RawClient, Response, RunningProxy, client_ctx, get
 from tests.pki import Pki
 

@@ -13,7 +13,7 @@ import os
 import signal
 from pathlib import Path
 
-from tests.e2e.conftest import (GatedUpstream, Ops, admin_addr, admin_request, children, eventually, refused,
+from tests.e2e.kit import (GatedUpstream, Ops, admin_addr, admin_request, children, eventually, refused,
                                 scrape)
 from tests.harness import ProxyProcess, RawClient, get
 
