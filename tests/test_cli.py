@@ -211,3 +211,13 @@ def test_certs_init_then_partner_smoke_test_against_demo(tmp_path: Path) -> None
             proc.kill()
             proc.wait()
     assert "Traceback" not in err.read_text()
+
+
+def test_python_dash_m_runs_the_cli_and_importing_main_runs_nothing() -> None:
+    # Tools that walk the package (pkgutil) import proxy.__main__: that must not parse sys.argv or exit.
+    imported = subprocess.run([sys.executable, "-c", "import proxy.__main__; print('imported')"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=30)
+    assert imported.returncode == 0 and imported.stdout.strip() == "imported", imported.stderr
+    run = subprocess.run([sys.executable, "-m", "proxy", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=30)
+    assert run.returncode == 0 and "serve" in run.stdout
