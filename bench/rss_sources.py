@@ -2,8 +2,8 @@
 
 boto3 and botocore are imported only when an AWS source is configured; this shows what that costs.  It starts a
 moto server on loopback (the test dependency ``moto[server]``), a dev PKI from ``mtls-proxy certs init``, and the
-real ``mtls-proxy serve`` twice (one worker, the same config but for where the CRL comes from), waits for
-``/readyz``, lets it idle, and reads VmRSS from /proc:
+real ``mtls-proxy serve`` with the same config but for where the CRL comes from (one worker, three times; then a
+supervisor with two workers), waits for ``/readyz``, idles past one ``reload_interval`` and reads VmRSS from /proc:
 
     .venv/bin/python bench/rss_sources.py
 """
@@ -38,7 +38,13 @@ def rss_kb(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def measure(work: Path, pki: Path, crl: str, env: dict[str, str], idle: float) -> int:
+def tree(pid: int) -> list[int]:
+    """The process and its children (a supervisor and its workers)."""
+    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid] + [p for k in kids for p in tree(int(k))]
+
+
+def measure(work: Path, pki: Path, crl: str, env: dict[str, str], idle: float, workers: int) -> list[int]:
     admin = free_port()
     cfg = work / f"proxy-{admin}.toml"
     cfg.write_text(f"""
@@ -49,7 +55,7 @@ cert = "{pki}/server.crt"
 key = "{pki}/server.key"
 client_ca = "{pki}/ca.crt"
 crl = "{crl}"
-workers = 1
+workers = {workers}
 reload_interval = 5
 [upstream]
 url = "https://localhost"
@@ -74,7 +80,7 @@ access = false
                     raise RuntimeError(f"proxy did not start: {proc.stderr.read().decode() if proc.stderr else ''}")
                 time.sleep(0.1)
         time.sleep(idle)  # at least one reload_interval: the poller has run
-        return rss_kb(proc.pid)
+        return [rss_kb(p) for p in tree(proc.pid)]
     finally:
         proc.terminate()
         proc.wait(10)
@@ -93,10 +99,12 @@ def main() -> None:
             s3.put_object(Bucket="config", Key="crl.pem", Body=(pki / "crl.pem").read_bytes())
             env = {**os.environ, **moto.env()}
             for label, crl in (("file", str(pki / "crl.pem")), ("s3", "s3://config/crl.pem")):
-                figures = [measure(work, pki, crl, env, idle=6.0) for _ in range(3)]
-                figures.sort()
-                print(f"server.crl from {label:4}: idle RSS {figures[1] / 1024:.1f} MiB (median of 3: "
+                figures = sorted(measure(work, pki, crl, env, idle=6.0, workers=1)[0] for _ in range(3))
+                print(f"workers = 1, server.crl from {label:4}: idle RSS {figures[1] / 1024:.1f} MiB (median of 3: "
                       f"{', '.join(f'{f / 1024:.1f}' for f in figures)})")
+                procs = measure(work, pki, crl, env, idle=6.0, workers=2)
+                print(f"workers = 2, server.crl from {label:4}: supervisor {procs[0] / 1024:.1f} MiB, workers "
+                      f"{', '.join(f'{p / 1024:.1f}' for p in procs[1:])} MiB, task {sum(procs) / 1024:.1f} MiB")
         finally:
             moto.stop()
 
