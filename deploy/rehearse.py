@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -36,32 +34,13 @@ from cryptography.hazmat.primitives.serialization import Encoding  # noqa: E402
 from tests.harness import client_ctx, free_port, spawn_proxy  # noqa: E402
 from tests.pki import Pki  # noqa: E402
 from tests.remote import REGION, start_moto  # noqa: E402
+from tests.sources.test_deploy_sources import _served as served  # noqa: E402
+from tests.sources.test_e2e_sources import _status as status  # noqa: E402
 from tests.test_deploy import PROVIDER, Deployment, _load  # noqa: E402
 
 RULES, CRL = "partners/rules.toml", "pki/client-ca.crl"  # the template's RulesObjectKey, CrlObjectKey defaults
 SMOKE = '[[allow]]\nname = "smoke-test"\nsubject_cn = ["smoke-test-client"]\n'
 PARTNER = '\n[[allow]]\nname = "partner-a"\nsubject_cn = ["client-a"]\n'
-
-
-def status(port: int, ctx: ssl.SSLContext) -> int | None:
-    """The status a GET gets, or None when the handshake fails (a revoked certificate)."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
-                ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-            tls.sendall(b"GET /x HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n")
-            head = tls.recv(64)
-    except (ssl.SSLError, OSError):
-        return None
-    return int(head.split()[1]) if head.startswith(b"HTTP/1.1 ") else None
-
-
-def served(port: int, ctx: ssl.SSLContext) -> bytes | None:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
-                ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-            return tls.getpeercert(binary_form=True)
-    except (ssl.SSLError, OSError):
-        return None
 
 
 class Shell:
