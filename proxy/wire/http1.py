@@ -27,6 +27,7 @@ from ..errors import (
     UriTooLong,
     VersionNotSupported,
 )
+from .grammar import FIELD_LINES
 from .grammar import HEADER_BLOCK as _HEADER_BLOCK
 from .grammar import TCHAR
 from .grammar import TOKEN as _TOKEN
@@ -39,7 +40,12 @@ MAX_HEADERS = 100
 # end in CRLF, so a bare LF, a CR inside a value, a NUL, whitespace before the colon (token chars exclude it) and
 # obs-fold (a line starting with SP/HTAB is not a token) all fail this one match.
 _LEADING_CRLF = re.compile(rb"(?:\r\n)*")
-_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?\r\n")
+# Group 4 is the line's CRLF: its start is where the header block's search begins, in both patterns below.
+_STATUS_LINE = rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?(\r\n)"
+# The usual head in one match: status line, well-formed field lines, the blank line.  When it fails, the status line
+# and the block are checked apart (the same two checks this one implies), which also says what is wrong.
+_RESPONSE_HEAD = re.compile(_STATUS_LINE + FIELD_LINES + rb"\r\n")
+_STATUS_LINE_ONLY = re.compile(_STATUS_LINE)
 
 # RFC 9110 §7.6.1 hop-by-hop fields, never forwarded in either direction.
 HOP_BY_HOP = frozenset({
@@ -195,17 +201,19 @@ def parse_request_head(head: bytes, drop: frozenset[bytes] = frozenset()) -> Req
     if head[0] == 13:  # CR (an int compare: a bytes slice and compare cost several times more)
         while head.startswith(b"\r\n"):  # RFC 9112 §2.2: ignore empty lines before the request line
             head = head[2:]
-    m = _REQUEST_LINE.match(head)
-    if m is None:
-        _refuse_request_line(head)
-    first = m.end() - 2
-    if _HEADER_BLOCK.fullmatch(head, first + 2, len(head) - 2) is None:
-        raise BadRequest(_diagnose(head[first + 2:-2]))
+    m = _REQUEST_HEAD.fullmatch(head)
+    if m is None:  # not the usual well-formed head: the two checks it implies, apart, to say what is wrong
+        m = _REQUEST_LINE.match(head)
+        if m is None:
+            _refuse_request_line(head)
+        if _HEADER_BLOCK.fullmatch(head, m.start(4) + 2, len(head) - 2) is None:
+            raise BadRequest(_diagnose(head[m.start(4) + 2:-2]))
+    first = m.start(4)
     if len(head) > 4 * MAX_HEADERS and head.count(b"\r\n") > MAX_HEADERS + 2:  # a line is at least 4 bytes
         raise HeadersTooLarge(f"more than {MAX_HEADERS} header fields")
     if first > MAX_REQUEST_LINE:
         raise UriTooLong("request line too long")
-    method_b, target, version = m.groups()
+    method_b, target, version, _ = m.groups()
     http11 = version == b"1"
     path_b, sep, query = target.partition(b"?")
     if sep:
@@ -289,7 +297,10 @@ def parse_request_head(head: bytes, drop: frozenset[bytes] = frozenset()) -> Req
 
 
 # request-line = method SP request-target SP HTTP-version CRLF (RFC 9112 §3), origin-form targets only.
-_REQUEST_LINE = re.compile(rb"(" + TCHAR + rb"+) (/[!\"$-~]*) HTTP/1\.([01])\r\n")
+# Group 4 is the line's CRLF (see _STATUS_LINE); _REQUEST_HEAD is the whole usual head in one match.
+_REQUEST_LINE_RE = rb"(" + TCHAR + rb"+) (/[!\"$-~]*) HTTP/1\.([01])(\r\n)"
+_REQUEST_LINE = re.compile(_REQUEST_LINE_RE)
+_REQUEST_HEAD = re.compile(_REQUEST_LINE_RE + FIELD_LINES + rb"\r\n")
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
 
 
@@ -317,15 +328,17 @@ _RESPONSE_SPECIAL = _names_regex(HOP_BY_HOP | {b"content-length"})
 
 def parse_response_head(head: bytes) -> ResponseHead:
     """Parse an upstream response head; anything ambiguous is an ``UpstreamProtocolError`` (502)."""
-    m = _STATUS_LINE.match(head)
-    if m is None:
-        raise UpstreamProtocolError("bad status line")
-    first = m.end() - 2
-    if _HEADER_BLOCK.fullmatch(head, first + 2, len(head) - 2) is None:
-        raise UpstreamProtocolError(f"bad response head: {_diagnose(head[first + 2:-2])}")
+    m = _RESPONSE_HEAD.fullmatch(head)
+    if m is None:  # not the usual well-formed head: the two checks it implies, apart, to say what is wrong
+        m = _STATUS_LINE_ONLY.match(head)
+        if m is None:
+            raise UpstreamProtocolError("bad status line")
+        if _HEADER_BLOCK.fullmatch(head, m.start(4) + 2, len(head) - 2) is None:
+            raise UpstreamProtocolError(f"bad response head: {_diagnose(head[m.start(4) + 2:-2])}")
+    first = m.start(4)
     if len(head) > 4 * MAX_HEADERS and head.count(b"\r\n") > MAX_HEADERS + 2:
         raise UpstreamProtocolError(f"bad response head: more than {MAX_HEADERS} header fields")
-    version, status_b, reason = m.groups(b"")
+    version, status_b, reason, _ = m.groups(b"")
     http11 = version == b"1"
     status = _STATUS_CODES[status_b]  # the status line pattern admits exactly 100..999
     content_length: int | None = None
