@@ -342,8 +342,7 @@ def parse_response_head(head: bytes) -> ResponseHead:
     http11 = version == b"1"
     status = _STATUS_CODES[status_b]  # the status line pattern admits exactly 100..999
     content_length: int | None = None
-    chunked = False
-    te_seen = False
+    chunked = False  # a Transfer-Encoding: chunked line was seen
     conn_tokens: list[bytes] = []
     parts: list[bytes] = []  # the forwarded lines: the head without the lines cut below
     pos = first + 2
@@ -367,27 +366,40 @@ def parse_response_head(head: bytes) -> ResponseHead:
             parts.append(head[pos:start])
         pos = m.end() + 2
         if name == b"connection":
-            conn_tokens += _tokens(value)
+            if 44 in value:  # b",": several tokens (see _tokens; one token, the usual case, is inlined)
+                conn_tokens += _tokens(value)
+            else:
+                conn_tokens.append(value.strip())
         elif name == b"transfer-encoding":
-            if _tokens(value) != [b"chunked"] or te_seen:
+            if _tokens(value) != [b"chunked"] or chunked:
                 raise UpstreamProtocolError("unsupported transfer coding in response")
-            te_seen = chunked = True
-    if te_seen and content_length is not None:
+            chunked = True
+    if chunked and content_length is not None:
         raise UpstreamProtocolError("both Content-Length and Transfer-Encoding in response")
     keep_alive = (b"close" not in conn_tokens) if http11 else (b"keep-alive" in conn_tokens)
     if parts:
-        parts.append(head[pos:-2])
-        fields = b"".join(parts)
+        if pos < len(head) - 2:  # (a cut line is usually the last: then the first part is all there is)
+            parts.append(head[pos:-2])
+        fields = parts[0] if len(parts) == 1 else b"".join(parts)
     else:
         fields = head[pos:-2]
-    if conn_tokens:
-        extra = _named_fields(conn_tokens)
-        if extra:
-            fields = _drop_named(fields, extra)
-    return ResponseHead(status, reason, http11, keep_alive, content_length, chunked, fields)
+    if conn_tokens and not _CONNECTION_OPTIONS.issuperset(conn_tokens):
+        # RFC 9110 §7.6.1: fields named in Connection are hop-by-hop too (_named_fields, skipped in the usual case)
+        fields = _drop_named(fields, _named_fields(conn_tokens))  # type: ignore[arg-type]  # not None: checked
+    # Built without calling the class: a Python __init__ with seven arguments costs more than the seven slot stores.
+    resp = _new_object(ResponseHead)
+    resp.status = status
+    resp.reason = reason
+    resp.http11 = http11
+    resp.keep_alive = keep_alive
+    resp.content_length = content_length
+    resp.chunked = chunked
+    resp.fields = fields
+    return resp
 
 
 _STATUS_CODES = {b"%d" % code: code for code in range(100, 1000)}
+_new_object = object.__new__
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b""})
 
 
