@@ -19,7 +19,12 @@ TOKEN = re.compile(TCHAR + rb"+")
 # NUL, whitespace before the colon (tchar excludes it) and obs-fold (a line starting with SP/HTAB is not a token)
 # all fail one match of HEADER_BLOCK.
 FIELD_VALUE = rb"[\t\x20-\x7e\x80-\xff]*"
-HEADER_BLOCK = re.compile(rb"(?:" + TCHAR + rb"+:" + FIELD_VALUE + rb"\r\n)*")
+# The same block with possessive quantifiers (Python 3.11+), which match exactly the same strings here: a name cannot
+# give back a character to the ':' (tchar excludes it), a value none to the CR (the value class excludes it), and a
+# line once matched none to the end of the block (every line ends in CRLF and a name cannot start with CR).  The
+# engine then keeps no backtracking state per line and character: about a third of the cost of a block.
+FIELD_LINES = rb"(?:" + TCHAR + rb"++:" + FIELD_VALUE + rb"+\r\n)*+"
+HEADER_BLOCK = re.compile(FIELD_LINES)
 
 REASON_PHRASES = {
     200: b"OK", 400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed",

@@ -27,6 +27,7 @@ from ..errors import (
     UriTooLong,
     VersionNotSupported,
 )
+from .grammar import FIELD_LINES
 from .grammar import HEADER_BLOCK as _HEADER_BLOCK
 from .grammar import TCHAR
 from .grammar import TOKEN as _TOKEN
@@ -39,7 +40,12 @@ MAX_HEADERS = 100
 # end in CRLF, so a bare LF, a CR inside a value, a NUL, whitespace before the colon (token chars exclude it) and
 # obs-fold (a line starting with SP/HTAB is not a token) all fail this one match.
 _LEADING_CRLF = re.compile(rb"(?:\r\n)*")
-_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?\r\n")
+# Group 4 is the line's CRLF: its start is where the header block's search begins, in both patterns below.
+_STATUS_LINE = rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?(\r\n)"
+# The usual head in one match: status line, well-formed field lines, the blank line.  When it fails, the status line
+# and the block are checked apart (the same two checks this one implies), which also says what is wrong.
+_RESPONSE_HEAD = re.compile(_STATUS_LINE + FIELD_LINES + rb"\r\n")
+_STATUS_LINE_ONLY = re.compile(_STATUS_LINE)
 
 # RFC 9110 §7.6.1 hop-by-hop fields, never forwarded in either direction.
 HOP_BY_HOP = frozenset({
@@ -195,17 +201,19 @@ def parse_request_head(head: bytes, drop: frozenset[bytes] = frozenset()) -> Req
     if head[0] == 13:  # CR (an int compare: a bytes slice and compare cost several times more)
         while head.startswith(b"\r\n"):  # RFC 9112 §2.2: ignore empty lines before the request line
             head = head[2:]
-    m = _REQUEST_LINE.match(head)
-    if m is None:
-        _refuse_request_line(head)
-    first = m.end() - 2
-    if _HEADER_BLOCK.fullmatch(head, first + 2, len(head) - 2) is None:
-        raise BadRequest(_diagnose(head[first + 2:-2]))
+    m = _REQUEST_HEAD.fullmatch(head)
+    if m is None:  # not the usual well-formed head: the two checks it implies, apart, to say what is wrong
+        m = _REQUEST_LINE.match(head)
+        if m is None:
+            _refuse_request_line(head)
+        if _HEADER_BLOCK.fullmatch(head, m.start(4) + 2, len(head) - 2) is None:
+            raise BadRequest(_diagnose(head[m.start(4) + 2:-2]))
+    first = m.start(4)
     if len(head) > 4 * MAX_HEADERS and head.count(b"\r\n") > MAX_HEADERS + 2:  # a line is at least 4 bytes
         raise HeadersTooLarge(f"more than {MAX_HEADERS} header fields")
     if first > MAX_REQUEST_LINE:
         raise UriTooLong("request line too long")
-    method_b, target, version = m.groups()
+    method_b, target, version, _ = m.groups()
     http11 = version == b"1"
     path_b, sep, query = target.partition(b"?")
     if sep:
@@ -219,7 +227,8 @@ def parse_request_head(head: bytes, drop: frozenset[bytes] = frozenset()) -> Req
     parts: list[bytes] = []  # the forwarded lines: the head without the lines cut below
     pos = first + 2
     classify = _REQUEST_NAMES
-    for m in _special_request_names(drop).finditer(head.lower(), first):
+    names = _SPECIAL_CACHE.get(drop) or _special_request_names(drop)  # (a call only for a new drop set)
+    for m in names.finditer(head.lower(), first):
         name, value = m.groups()
         # The table's names are spelled with "-": an underscore twin (and every dropped name) is _H_DROP, cut and
         # never interpreted.
@@ -283,13 +292,27 @@ def parse_request_head(head: bytes, drop: frozenset[bytes] = frozenset()) -> Req
             fields = _drop_named(fields, extra)
     if expect_continue and not (chunked or content_length):
         expect_continue = False  # nothing to wait for
-    method = _METHODS.get(method_b) or method_b.decode("ascii")
-    return RequestHead(method, target, path_b.decode("ascii"), query, http11, keep_alive, content_length,
-                       chunked, expect_continue, fields)
+    # Built without calling the class, like ResponseHead in parse_response_head: ten slot stores cost less than a
+    # Python __init__ with ten arguments.
+    req = _new_object(RequestHead)
+    req.method = _METHODS.get(method_b) or method_b.decode("ascii")
+    req.target = target
+    req.path = path_b.decode("ascii")
+    req.query = query
+    req.http11 = http11
+    req.keep_alive = keep_alive
+    req.content_length = content_length
+    req.chunked = chunked
+    req.expect_continue = expect_continue
+    req.fields = fields
+    return req
 
 
 # request-line = method SP request-target SP HTTP-version CRLF (RFC 9112 §3), origin-form targets only.
-_REQUEST_LINE = re.compile(rb"(" + TCHAR + rb"+) (/[!\"$-~]*) HTTP/1\.([01])\r\n")
+# Group 4 is the line's CRLF (see _STATUS_LINE); _REQUEST_HEAD is the whole usual head in one match.
+_REQUEST_LINE_RE = rb"(" + TCHAR + rb"+) (/[!\"$-~]*) HTTP/1\.([01])(\r\n)"
+_REQUEST_LINE = re.compile(_REQUEST_LINE_RE)
+_REQUEST_HEAD = re.compile(_REQUEST_LINE_RE + FIELD_LINES + rb"\r\n")
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
 
 
@@ -317,20 +340,21 @@ _RESPONSE_SPECIAL = _names_regex(HOP_BY_HOP | {b"content-length"})
 
 def parse_response_head(head: bytes) -> ResponseHead:
     """Parse an upstream response head; anything ambiguous is an ``UpstreamProtocolError`` (502)."""
-    m = _STATUS_LINE.match(head)
-    if m is None:
-        raise UpstreamProtocolError("bad status line")
-    first = m.end() - 2
-    if _HEADER_BLOCK.fullmatch(head, first + 2, len(head) - 2) is None:
-        raise UpstreamProtocolError(f"bad response head: {_diagnose(head[first + 2:-2])}")
+    m = _RESPONSE_HEAD.fullmatch(head)
+    if m is None:  # not the usual well-formed head: the two checks it implies, apart, to say what is wrong
+        m = _STATUS_LINE_ONLY.match(head)
+        if m is None:
+            raise UpstreamProtocolError("bad status line")
+        if _HEADER_BLOCK.fullmatch(head, m.start(4) + 2, len(head) - 2) is None:
+            raise UpstreamProtocolError(f"bad response head: {_diagnose(head[m.start(4) + 2:-2])}")
+    first = m.start(4)
     if len(head) > 4 * MAX_HEADERS and head.count(b"\r\n") > MAX_HEADERS + 2:
         raise UpstreamProtocolError(f"bad response head: more than {MAX_HEADERS} header fields")
-    version, status_b, reason = m.groups(b"")
+    version, status_b, reason, _ = m.groups(b"")
     http11 = version == b"1"
     status = _STATUS_CODES[status_b]  # the status line pattern admits exactly 100..999
     content_length: int | None = None
-    chunked = False
-    te_seen = False
+    chunked = False  # a Transfer-Encoding: chunked line was seen
     conn_tokens: list[bytes] = []
     parts: list[bytes] = []  # the forwarded lines: the head without the lines cut below
     pos = first + 2
@@ -354,27 +378,40 @@ def parse_response_head(head: bytes) -> ResponseHead:
             parts.append(head[pos:start])
         pos = m.end() + 2
         if name == b"connection":
-            conn_tokens += _tokens(value)
+            if 44 in value:  # b",": several tokens (see _tokens; one token, the usual case, is inlined)
+                conn_tokens += _tokens(value)
+            else:
+                conn_tokens.append(value.strip())
         elif name == b"transfer-encoding":
-            if _tokens(value) != [b"chunked"] or te_seen:
+            if _tokens(value) != [b"chunked"] or chunked:
                 raise UpstreamProtocolError("unsupported transfer coding in response")
-            te_seen = chunked = True
-    if te_seen and content_length is not None:
+            chunked = True
+    if chunked and content_length is not None:
         raise UpstreamProtocolError("both Content-Length and Transfer-Encoding in response")
     keep_alive = (b"close" not in conn_tokens) if http11 else (b"keep-alive" in conn_tokens)
     if parts:
-        parts.append(head[pos:-2])
-        fields = b"".join(parts)
+        if pos < len(head) - 2:  # (a cut line is usually the last: then the first part is all there is)
+            parts.append(head[pos:-2])
+        fields = parts[0] if len(parts) == 1 else b"".join(parts)
     else:
         fields = head[pos:-2]
-    if conn_tokens:
-        extra = _named_fields(conn_tokens)
-        if extra:
-            fields = _drop_named(fields, extra)
-    return ResponseHead(status, reason, http11, keep_alive, content_length, chunked, fields)
+    if conn_tokens and not _CONNECTION_OPTIONS.issuperset(conn_tokens):
+        # RFC 9110 §7.6.1: fields named in Connection are hop-by-hop too (_named_fields, skipped in the usual case)
+        fields = _drop_named(fields, _named_fields(conn_tokens))  # type: ignore[arg-type]  # not None: checked
+    # Built without calling the class: a Python __init__ with seven arguments costs more than the seven slot stores.
+    resp = _new_object(ResponseHead)
+    resp.status = status
+    resp.reason = reason
+    resp.http11 = http11
+    resp.keep_alive = keep_alive
+    resp.content_length = content_length
+    resp.chunked = chunked
+    resp.fields = fields
+    return resp
 
 
 _STATUS_CODES = {b"%d" % code: code for code in range(100, 1000)}
+_new_object = object.__new__
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b""})
 
 
