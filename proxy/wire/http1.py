@@ -58,23 +58,25 @@ _H_DROP, _H_CL, _H_TE, _H_HOST, _H_CONN, _H_EXPECT = range(6)
 
 
 class RequestHead:
-    """A parsed request head.  ``fields`` are the raw header lines to forward, each ending in CRLF."""
+    """A parsed request head.  ``fields`` are the raw header lines to forward, each ending in CRLF.
+
+    Only ``parse_request_head`` makes one, by storing every slot on ``object.__new__(RequestHead)``: ten slot
+    stores cost less than a Python ``__init__`` with ten arguments, once per distinct head.  So there is no
+    ``__init__``; a new field is a new slot, a new annotation and a new store there.
+    """
 
     __slots__ = ("method", "target", "path", "query", "http11", "keep_alive", "content_length", "chunked",
                  "expect_continue", "fields")
-
-    def __init__(self, method: str, target: bytes, path: str, query: bytes, http11: bool, keep_alive: bool,
-                 content_length: int | None, chunked: bool, expect_continue: bool, fields: bytes) -> None:
-        self.method = method
-        self.target = target
-        self.path = path
-        self.query = query
-        self.http11 = http11
-        self.keep_alive = keep_alive
-        self.content_length = content_length
-        self.chunked = chunked
-        self.expect_continue = expect_continue
-        self.fields = fields
+    method: str
+    target: bytes
+    path: str
+    query: bytes
+    http11: bool
+    keep_alive: bool
+    content_length: int | None
+    chunked: bool
+    expect_continue: bool
+    fields: bytes
 
     @property
     def has_body(self) -> bool:
@@ -82,19 +84,19 @@ class RequestHead:
 
 
 class ResponseHead:
-    """A parsed upstream response head; ``fields`` are the end-to-end header lines (CRLF-terminated)."""
+    """A parsed upstream response head; ``fields`` are the end-to-end header lines (CRLF-terminated).
+
+    Only ``parse_response_head`` makes one, by slot stores (see ``RequestHead``): no ``__init__``.
+    """
 
     __slots__ = ("status", "reason", "http11", "keep_alive", "content_length", "chunked", "fields")
-
-    def __init__(self, status: int, reason: bytes, http11: bool, keep_alive: bool, content_length: int | None,
-                 chunked: bool, fields: bytes) -> None:
-        self.status = status
-        self.reason = reason
-        self.http11 = http11
-        self.keep_alive = keep_alive
-        self.content_length = content_length
-        self.chunked = chunked
-        self.fields = fields
+    status: int
+    reason: bytes
+    http11: bool
+    keep_alive: bool
+    content_length: int | None
+    chunked: bool
+    fields: bytes
 
 
 def find_head_end(buf: bytes | bytearray, limit: int = MAX_HEAD) -> int:
@@ -292,9 +294,7 @@ def parse_request_head(head: bytes, drop: frozenset[bytes] = frozenset()) -> Req
             fields = _drop_named(fields, extra)
     if expect_continue and not (chunked or content_length):
         expect_continue = False  # nothing to wait for
-    # Built without calling the class, like ResponseHead in parse_response_head: ten slot stores cost less than a
-    # Python __init__ with ten arguments.
-    req = _new_object(RequestHead)
+    req = _new_object(RequestHead)  # every slot stored below (see RequestHead)
     req.method = _METHODS.get(method_b) or method_b.decode("ascii")
     req.target = target
     req.path = path_b.decode("ascii")
@@ -398,8 +398,7 @@ def parse_response_head(head: bytes) -> ResponseHead:
     if conn_tokens and not _CONNECTION_OPTIONS.issuperset(conn_tokens):
         # RFC 9110 §7.6.1: fields named in Connection are hop-by-hop too (_named_fields, skipped in the usual case)
         fields = _drop_named(fields, _named_fields(conn_tokens))  # type: ignore[arg-type]  # not None: checked
-    # Built without calling the class: a Python __init__ with seven arguments costs more than the seven slot stores.
-    resp = _new_object(ResponseHead)
+    resp = _new_object(ResponseHead)  # every slot stored below (see RequestHead)
     resp.status = status
     resp.reason = reason
     resp.http11 = http11

@@ -271,3 +271,44 @@ def test_response_heads() -> None:
 def test_bad_response_heads(head: bytes) -> None:
     with pytest.raises(UpstreamProtocolError):
         http1.parse_response_head(head)
+
+
+# -- the one-match fast path: the same decisions as the two checks it stands for ------------------------------
+import re as _re  # noqa: E402
+
+from proxy.wire import grammar  # noqa: E402
+
+_BACKTRACKING_BLOCK = _re.compile(rb"(?:" + grammar.TCHAR + rb"+:" + grammar.FIELD_VALUE + rb"\r\n)*")
+_PIECES = st.sampled_from([b"a", b"Host", b"X-1", b":", b" ", b"\t", b"\r\n", b"\r", b"\n", b"\x00", b"\x80", b"v",
+                           b"\x7f", b"@", b"GET", b"/x", b"HTTP/1.1", b"HTTP/1.0", b"200", b"OK"])
+_HEAD_LIKE = st.lists(_PIECES, max_size=40).map(b"".join)
+_GOOD_LINES = st.sampled_from([b"Host: a\r\n", b"X-1:\tv v\r\n", b"a:\r\n", b"X-A: \x80\xff\r\n"])
+_FIELDS_LIKE = st.lists(st.one_of(_GOOD_LINES, _GOOD_LINES, _GOOD_LINES, _HEAD_LIKE), max_size=6).map(b"".join)  # well-formed lines often enough that both outcomes are seen
+_LINE_END = st.one_of(st.sampled_from([b" HTTP/1.1", b"a?b=c HTTP/1.0", b" OK", b""]), _HEAD_LIKE,
+                      _HEAD_LIKE.map(lambda b: b + b" HTTP/1.1"))  # the rest of a request or status line
+
+
+@given(_FIELDS_LIKE)
+def test_possessive_field_lines_match_what_the_backtracking_pattern_matches(block: bytes) -> None:
+    assert (grammar.HEADER_BLOCK.fullmatch(block) is None) == (_BACKTRACKING_BLOCK.fullmatch(block) is None)
+
+
+@given(_LINE_END, _FIELDS_LIKE)
+def test_one_fullmatch_accepts_exactly_the_heads_the_two_checks_accept(line: bytes, block: bytes) -> None:
+    for whole, first_line, head in ((http1._REQUEST_HEAD, http1._REQUEST_LINE, b"GET /" + line),
+                                    (http1._RESPONSE_HEAD, http1._STATUS_LINE_ONLY, b"HTTP/1.1 200" + line)):
+        head = head + b"\r\n" + block + b"\r\n"
+        m = first_line.match(head)
+        apart = m is not None and _BACKTRACKING_BLOCK.fullmatch(head, m.start(4) + 2, len(head) - 2) is not None
+        together = whole.fullmatch(head)
+        assert (together is not None) == apart, head
+        if together is not None:
+            assert together.groups() == m.groups()  # the same line fields, the same start of the block
+
+
+def test_a_parsed_head_has_every_slot_set() -> None:
+    # The parsers build heads by slot stores (no __init__): a slot they forgot would raise AttributeError here.
+    for h in (http1.parse_request_head(req(b"Host: a", b"Content-Length: 3")),
+              http1.parse_response_head(resp(b"Content-Length: 3", b"Connection: close")),
+              http1.parse_response_head(resp(b"Connection: x-a", b"X-A: 1"))):
+        assert all(hasattr(h, name) for name in type(h).__slots__), [n for n in type(h).__slots__ if not hasattr(h, n)]
